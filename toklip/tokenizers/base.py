@@ -1,0 +1,127 @@
+"""The frozen VQ tokenizer interface that every family implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VQEncoding:
+    """What `VQTokenizer.encode` returns."""
+
+    indices: torch.Tensor  # (B, h, w) int64, raster order
+    codes: torch.Tensor  # (B, h, w, C) float: the vectors the token encoder consumes
+
+
+def nearest_code(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook row (L2) for every row of `vectors` (N, C) -> (N,).
+
+    The expanded form |z|^2 + |e|^2 - 2 z.e is the one the released tokenizers use; the same
+    rounding keeps near-ties resolved the same way, so indices match theirs exactly.
+    """
+    distances = (
+        vectors.pow(2).sum(dim=1, keepdim=True)
+        + codebook.pow(2).sum(dim=1)
+        - 2 * torch.einsum("nc,ck->nk", vectors, codebook.t())
+    )
+    return distances.argmin(dim=1)
+
+
+class VQTokenizer(nn.Module):
+    """A frozen image tokenizer: images in [-1, 1] -> codebook indices and code vectors.
+
+    Frozen three ways: parameters never require grad, the module stays in eval mode whatever its
+    parent asks, and encode/lookup/decode run under no_grad. They also run in fp32 with autocast
+    off, so the tokens of an image do not depend on the training precision (a precomputed token
+    cache and a live bf16 run agree).
+
+    Subclasses provide `latents` (images -> pre-quantisation latents), `codebook` (the vectors the
+    search and `lookup` use) and `decode_latents`; and call `_freeze()` at the end of `__init__`.
+    """
+
+    def __init__(self, codebook_size: int, code_dim: int, downsample: int, l2_normalized: bool) -> None:
+        super().__init__()
+        self._codebook_size = codebook_size
+        self._code_dim = code_dim
+        self._downsample = downsample
+        self.l2_normalized = l2_normalized
+
+    @property
+    def codebook_size(self) -> int:
+        return self._codebook_size
+
+    @property
+    def code_dim(self) -> int:
+        return self._code_dim
+
+    @property
+    def downsample(self) -> int:
+        return self._downsample
+
+    def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Token grid (h, w) for an image size (an int means a square image)."""
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if height % self.downsample or width % self.downsample:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the tokenizer's downsample factor "
+                f"{self.downsample}"
+            )
+        return height // self.downsample, width // self.downsample
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> VQTokenizer:
+        # A frozen tokenizer ignores train(): its parent's .train() must not switch it out of eval.
+        return super().train(False)
+
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def codebook(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        self.grid(tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> VQEncoding:
+        """(B, 3, H, W) in [-1, 1] -> indices (B, h, w) and codes (B, h, w, C)."""
+        self._check_images(images)
+        with torch.autocast(images.device.type, enabled=False):
+            z = self.latents(images.float()).permute(0, 2, 3, 1).contiguous()
+            if self.l2_normalized:
+                z = F.normalize(z, p=2, dim=-1)
+            codebook = self.codebook()
+            indices = nearest_code(z.reshape(-1, self.code_dim), codebook).view(z.shape[:-1])
+            # The release's straight-through form z + (z_q - z): the same vectors as
+            # lookup(indices) up to one rounding, and bit-identical to what the reference feeds on.
+            codes = z + (codebook[indices] - z)
+        return VQEncoding(indices=indices, codes=codes)
+
+    @torch.no_grad()
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code vectors (..., C) for indices (...): the token-cache path, no image needed."""
+        if indices.dtype != torch.int64:
+            raise TypeError(f"indices must be int64, got {indices.dtype}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{indices.min()}, {indices.max()}]")
+        with torch.autocast(indices.device.type, enabled=False):
+            return self.codebook()[indices]
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices (B, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        codes = self.lookup(indices)
+        with torch.autocast(indices.device.type, enabled=False):
+            return self.decode_latents(codes.permute(0, 3, 1, 2).contiguous()).clamp(-1, 1)

@@ -1,0 +1,21 @@
+"""LlamaGen VQ tokenizers (VQ-16 is the one TokLIP uses): unit-norm 8-d codes."""
+
+from __future__ import annotations
+
+import argparse
+
+from .conv_vq import ConvVQConfig
+from .registry import TokenizerSpec, register_tokenizer
+
+# LlamaGen's training checkpoints may keep the run's argparse.Namespace beside the weights.
+_LLAMAGEN_GLOBALS = (argparse.Namespace,)
+
+for _name, _config in {
+    "llamagen_vq16": ConvVQConfig(),
+    "llamagen_vq8": ConvVQConfig(channel_mult=(1, 2, 2, 4)),
+    # Small widths for tests and the CPU miniature: downsample 8, so a 64 px image is 8x8 tokens.
+    "llamagen_tiny": ConvVQConfig(
+        codebook_size=1024, base_channels=32, channel_mult=(1, 1, 2, 2), encoder_res_blocks=1, z_channels=64
+    ),
+}.items():
+    register_tokenizer(_name, TokenizerSpec(config=_config, allowed_globals=_LLAMAGEN_GLOBALS))
