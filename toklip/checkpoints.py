@@ -41,6 +41,10 @@ def _numpy_scalar_globals() -> list[tuple[Any, str]]:
 NUMPY_SCALARS = tuple(_numpy_scalar_globals())  # optimizer state of the released TokLIP checkpoints
 
 
+# What torch.load raises on a truncated or garbage file (the unpickler fails in many ways).
+_UNREADABLE_FILE_ERRORS = (RuntimeError, EOFError, KeyError, IndexError, ValueError, TypeError, zipfile.BadZipFile)
+
+
 def _describe(path: Path, source: str | None) -> str:
     return f"{path} (from {source})" if source else str(path)
 
@@ -73,7 +77,7 @@ def read_checkpoint(
                 f"format ({', '.join(foreign)}); nothing of it was executed"
             ) from None
         raise CheckpointError(f"{where} is not a PyTorch checkpoint: {err}") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+    except _UNREADABLE_FILE_ERRORS as err:
         raise CheckpointError(f"{where} is truncated, corrupt or not a checkpoint: {err}") from None
 
 

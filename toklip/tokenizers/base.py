@@ -37,7 +37,8 @@ class VQTokenizer(nn.Module):
     Frozen three ways: parameters never require grad, the module stays in eval mode whatever its
     parent asks, and encode/lookup/decode run under no_grad. They also run in fp32 with autocast
     off, so the tokens of an image do not depend on the training precision (a precomputed token
-    cache and a live bf16 run agree).
+    cache and a live bf16 run agree). A tokenizer cast with `.to(torch.bfloat16)` runs its
+    convolutions in bf16 on purpose; the nearest-code search stays in fp32.
 
     Subclasses provide `latents` (images -> pre-quantisation latents), `codebook` (the vectors the
     search and `lookup` use) and `decode_latents`; and call `_freeze()` at the end of `__init__`.
@@ -61,6 +62,10 @@ class VQTokenizer(nn.Module):
     @property
     def downsample(self) -> int:
         return self._downsample
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
 
     def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """Token grid (h, w) for an image size (an int means a square image)."""
@@ -99,10 +104,10 @@ class VQTokenizer(nn.Module):
         """(B, 3, H, W) in [-1, 1] -> indices (B, h, w) and codes (B, h, w, C)."""
         self._check_images(images)
         with torch.autocast(images.device.type, enabled=False):
-            z = self.latents(images.float()).permute(0, 2, 3, 1).contiguous()
+            z = self.latents(images.to(self.dtype)).float().permute(0, 2, 3, 1).contiguous()
             if self.l2_normalized:
                 z = F.normalize(z, p=2, dim=-1)
-            codebook = self.codebook()
+            codebook = self.codebook().float()
             indices = nearest_code(z.reshape(-1, self.code_dim), codebook).view(z.shape[:-1])
             # The release's straight-through form z + (z_q - z): the same vectors as
             # lookup(indices) up to one rounding, and bit-identical to what the reference feeds on.
@@ -117,11 +122,12 @@ class VQTokenizer(nn.Module):
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{indices.min()}, {indices.max()}]")
         with torch.autocast(indices.device.type, enabled=False):
-            return self.codebook()[indices]
+            return self.codebook().float()[indices]
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices (B, h, w) -> images (B, 3, H, W) in [-1, 1]."""
         codes = self.lookup(indices)
         with torch.autocast(indices.device.type, enabled=False):
-            return self.decode_latents(codes.permute(0, 3, 1, 2).contiguous()).clamp(-1, 1)
+            images = self.decode_latents(codes.permute(0, 3, 1, 2).to(self.dtype).contiguous())
+        return images.float().clamp(-1, 1)

@@ -1,0 +1,188 @@
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import toklip
+from toklip.tokenizers import tokenizer_spec
+
+DATA = Path(__file__).parent / "data"
+
+
+def _reference_layout(name: str) -> dict[str, str]:
+    rows = (line.split("\t") for line in (DATA / name).read_text().splitlines() if line)
+    return {key: shape for key, shape, *_ in rows}
+
+
+def test_llamagen_vq16_layout_is_the_release_layout():
+    with torch.device("meta"):
+        tokenizer = toklip.build_tokenizer("llamagen_vq16")
+    ours = {k: str(tuple(v.shape)) for k, v in tokenizer.state_dict().items()}
+    assert ours == _reference_layout("llamagen_vq16_keys.tsv")
+    assert sum(p.numel() for p in tokenizer.parameters()) == 71_883_403
+
+
+@pytest.mark.parametrize(
+    "name, downsample, codebook, code_dim",
+    [
+        ("llamagen_vq16", 16, 16384, 8),
+        ("llamagen_vq8", 8, 16384, 8),
+        ("llamagen_tiny", 8, 1024, 8),
+        ("taming_f16_16384", 16, 16384, 256),
+        ("taming_f16_1024", 16, 1024, 256),
+        ("taming_f8_16384", 8, 16384, 4),
+        ("taming_tiny", 8, 256, 32),
+    ],
+)
+def test_registered_tokenizers(name, downsample, codebook, code_dim):
+    assert name in toklip.available_tokenizers()
+    with torch.device("meta"):
+        tokenizer = toklip.build_tokenizer(name)
+    assert (tokenizer.downsample, tokenizer.codebook_size, tokenizer.code_dim) == (downsample, codebook, code_dim)
+
+
+def test_vq16_grids_and_real_encode_at_256():
+    tokenizer = toklip.build_tokenizer("llamagen_vq16")
+    assert tokenizer.grid(256) == (16, 16)
+    assert tokenizer.grid(384) == (24, 24)
+    assert tokenizer.grid((512, 256)) == (32, 16)
+    encoding = tokenizer.encode(torch.rand(1, 3, 256, 256) * 2 - 1)
+    assert encoding.indices.shape == (1, 16, 16) and encoding.indices.dtype == torch.int64
+    assert encoding.codes.shape == (1, 16, 16, 8)
+
+
+@pytest.mark.parametrize("name", ["llamagen_tiny", "taming_tiny"])
+def test_encode_lookup_decode(name, images):
+    tokenizer = toklip.build_tokenizer(name)
+    encoding = tokenizer.encode(images)
+    assert encoding.indices.shape == (2, 8, 8)
+    assert encoding.codes.shape == (2, 8, 8, tokenizer.code_dim)
+    assert int(encoding.indices.min()) >= 0 and int(encoding.indices.max()) < tokenizer.codebook_size
+    # lookup gives the same vectors from indices alone (the straight-through form rounds once)
+    torch.testing.assert_close(tokenizer.lookup(encoding.indices), encoding.codes, rtol=0, atol=1e-6)
+    # every code is the nearest codebook entry of its latent
+    decoded = tokenizer.decode(encoding.indices)
+    assert decoded.shape == images.shape
+    assert decoded.min() >= -1 and decoded.max() <= 1
+
+
+def test_llamagen_codes_have_unit_norm(images):
+    codes = toklip.build_tokenizer("llamagen_tiny").encode(images).codes
+    torch.testing.assert_close(codes.norm(dim=-1), torch.ones(codes.shape[:-1]), rtol=0, atol=1e-5)
+
+
+def test_indices_are_the_nearest_codes(images):
+    tokenizer = toklip.build_tokenizer("taming_tiny")
+    encoding = tokenizer.encode(images)
+    latents = tokenizer.latents(images).permute(0, 2, 3, 1).reshape(-1, tokenizer.code_dim)
+    brute_force = torch.cdist(latents, tokenizer.codebook()).argmin(dim=1)
+    assert torch.equal(brute_force, encoding.indices.flatten())
+
+
+def test_frozen_three_ways(images):
+    tokenizer = toklip.build_tokenizer("llamagen_tiny")
+    parent = nn.ModuleDict({"vq": tokenizer, "head": nn.Linear(2, 2)})
+    parent.train()
+    assert not tokenizer.training and all(not m.training for m in tokenizer.modules())
+    assert parent["head"].training
+    assert not any(p.requires_grad for p in tokenizer.parameters())
+    assert not tokenizer.encode(images.requires_grad_()).codes.requires_grad
+
+
+def test_encode_ignores_autocast(images):
+    tokenizer = toklip.build_tokenizer("llamagen_tiny")
+    reference = tokenizer.encode(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = tokenizer.encode(images)
+    assert torch.equal(reference.indices, under_autocast.indices)
+    assert under_autocast.codes.dtype == torch.float32
+
+
+def test_bad_images_are_rejected():
+    tokenizer = toklip.build_tokenizer("llamagen_tiny")
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        tokenizer.encode(torch.zeros(3, 64, 64))
+    with pytest.raises(ValueError, match="multiple of the tokenizer's downsample factor 8"):
+        tokenizer.encode(torch.zeros(1, 3, 60, 64))
+    with pytest.raises(ValueError, match=r"\[0, 1024\)"):
+        tokenizer.lookup(torch.full((1, 2, 2), 1024))
+
+
+def test_unknown_names_and_overrides():
+    with pytest.raises(KeyError, match="available: .*llamagen_vq16"):
+        toklip.build_tokenizer("llamagen_vq32")
+    with pytest.raises(TypeError, match="codebook_sise"):
+        toklip.build_tokenizer("llamagen_tiny", codebook_sise=12)
+    assert toklip.build_tokenizer("llamagen_tiny", codebook_size=512).codebook_size == 512
+
+
+# --- checkpoint formats -------------------------------------------------------------------
+
+
+def _save_formats(state_dict: dict, folder: Path) -> dict[str, Path]:
+    paths = {}
+    for key in ("ema", "model", "state_dict"):
+        paths[key] = folder / f"{key}.pt"
+        torch.save({key: state_dict, "steps": 10, "args": argparse.Namespace(vq_model="VQ-16")}, paths[key])
+    paths["bare"] = folder / "bare.pt"
+    torch.save(state_dict, paths["bare"])
+    paths["safetensors"] = folder / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, paths["safetensors"])
+    return paths
+
+
+def test_every_llamagen_format_loads_strictly_and_encodes_identically(tmp_path, images):
+    source = toklip.build_tokenizer("llamagen_tiny")
+    expected = source.encode(images)
+    for fmt, path in _save_formats(source.state_dict(), tmp_path).items():
+        loaded = toklip.build_tokenizer("llamagen_tiny", checkpoint=path)
+        encoding = loaded.encode(images)
+        assert torch.equal(encoding.indices, expected.indices), fmt
+        assert torch.equal(encoding.codes, expected.codes), fmt
+
+
+def test_ema_weights_win_over_model_weights(tmp_path, images):
+    ema, model = toklip.build_tokenizer("llamagen_tiny"), toklip.build_tokenizer("llamagen_tiny")
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict()}, tmp_path / "both.pt")
+    loaded = toklip.build_tokenizer("llamagen_tiny", checkpoint=tmp_path / "both.pt")
+    assert torch.equal(loaded.encode(images).codes, ema.encode(images).codes)
+
+
+def _to_taming_layout(state_dict: dict, levels: int) -> dict:
+    """Our keys renamed the way taming-transformers names them (the inverse of the loader's map)."""
+    import re
+
+    middle = {"0": "block_1", "1": "attn_1", "2": "block_2"}
+    renamed = {}
+    for key, tensor in state_dict.items():
+        key = re.sub(r"^(encoder|decoder)\.mid\.(\d)\.", lambda m: f"{m[1]}.mid.{middle[m[2]]}.", key)
+        key = re.sub(r"^encoder\.conv_blocks\.(\d+)\.res\.", r"encoder.down.\1.block.", key)
+        key = re.sub(r"^encoder\.conv_blocks\.", "encoder.down.", key)
+        key = re.sub(
+            r"^decoder\.conv_blocks\.(\d+)\.(res|attn|upsample)\.",
+            lambda m: f"decoder.up.{levels - 1 - int(m[1])}.{'block' if m[2] == 'res' else m[2]}.",
+            key,
+        )
+        renamed[key] = tensor
+    return renamed
+
+
+def test_taming_lightning_checkpoint_loads_and_reports_ignored_loss_keys(tmp_path, images):
+    source = toklip.build_tokenizer("taming_tiny")
+    taming_state = _to_taming_layout(source.state_dict(), levels=4)
+    assert "encoder.down.0.block.0.conv1.weight" in taming_state
+    assert "decoder.up.3.attn.0.q.weight" in taming_state  # lowest resolution is the last `up`
+    taming_state["loss.discriminator.main.0.weight"] = torch.zeros(4, 3, 4, 4)
+    taming_state["loss.perceptual_loss.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
+    torch.save({"epoch": 3, "global_step": 100, "state_dict": taming_state}, tmp_path / "last.ckpt")
+
+    spec = tokenizer_spec("taming_tiny")
+    loaded = toklip.build_tokenizer("taming_tiny")
+    from toklip.tokenizers.registry import load_tokenizer_weights
+
+    report = load_tokenizer_weights(loaded, spec, tmp_path / "last.ckpt")
+    assert sorted(report.ignored) == ["loss.discriminator.main.0.weight", "loss.perceptual_loss.lin0.model.1.weight"]
+    assert torch.equal(loaded.encode(images).indices, source.encode(images).indices)
