@@ -1,8 +1,32 @@
 """toklip: train, evaluate and serve TokLIP visual tokenizers."""
 
 from .checkpoints import CheckpointError
+from .models import (
+    PRESETS,
+    Teacher,
+    TokLIP,
+    build_toklip,
+    build_toklip_encoder,
+    get_text_tokenizer,
+    init_from_teacher,
+    load_toklip,
+)
 from .tokenizers import VQEncoding, VQTokenizer, available_tokenizers, build_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "VQEncoding", "VQTokenizer", "available_tokenizers", "build_tokenizer"]
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "Teacher",
+    "TokLIP",
+    "VQEncoding",
+    "VQTokenizer",
+    "available_tokenizers",
+    "build_tokenizer",
+    "build_toklip",
+    "build_toklip_encoder",
+    "get_text_tokenizer",
+    "init_from_teacher",
+    "load_toklip",
+]

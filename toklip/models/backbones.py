@@ -1,0 +1,53 @@
+"""Named transformer specs for the token encoder (and the matching timm ViTs for small teachers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A SigLIP-style ViT trunk: pre-norm blocks, tanh-GELU, LayerNorm eps 1e-6, MAP pooling."""
+
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: float
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "so400m": BackboneSpec(width=1152, depth=27, heads=16, mlp_ratio=3.7362),  # MLP 4304
+    "vit_l16": BackboneSpec(width=1024, depth=24, heads=16, mlp_ratio=4.0),
+    "vit_b16": BackboneSpec(width=768, depth=12, heads=12, mlp_ratio=4.0),
+    "tiny": BackboneSpec(width=128, depth=4, heads=4, mlp_ratio=4.0),
+}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone {name!r}; available: {', '.join(sorted(BACKBONES))}") from None
+
+
+@register_model
+def vit_tiny_patch8_siglip_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The `tiny` backbone as a patch-embedding ViT: the vision tower of small open_clip teachers.
+
+    Its `visual.trunk.*` keys are those of a `tiny` token encoder, so a student copies its blocks.
+    """
+    if pretrained:
+        raise ValueError("vit_tiny_patch8_siglip_64 has no pretrained weights; train one (see the miniature)")
+    spec = BACKBONES["tiny"]
+    return VisionTransformer(
+        img_size=kwargs.pop("img_size", 64), patch_size=8, embed_dim=spec.width, depth=spec.depth,
+        num_heads=spec.heads, mlp_ratio=spec.mlp_ratio, class_token=False, global_pool="map",
+        act_layer="gelu_tanh", **kwargs,
+    )

@@ -1,0 +1,100 @@
+"""Build TokLIP models by preset, and load released or toklip-made weights into them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoints import NUMPY_SCALARS, StateDict, find_state_dict, load_state_dict_strict, read_checkpoint, strip_prefix
+from ..tokenizers import build_tokenizer
+from .backbones import backbone_spec
+from .presets import REFERENCE_MODEL_NAMES, Preset, preset
+from .text import TextTokenizer, get_text_tokenizer_for
+from .toklip import TokLIP
+
+log = logging.getLogger(__name__)
+
+# Prefixes foreign trainers put in front of the model's own keys: DDP's, and a LightningModule's.
+_WRAPPER_PREFIXES = ("module.", "model.")
+
+
+def build_toklip(
+    name: str,
+    *,
+    tokenizer_checkpoint: str | os.PathLike | None = None,
+    init_logit_bias: float | None = None,
+    **overrides: Any,
+) -> TokLIP:
+    """A TokLIP model by preset, randomly initialised (the VQ loaded when a checkpoint is given).
+
+    `overrides` replace preset fields: tokenizer, backbone, image_size, text (teacher is unused here).
+    """
+    spec = _resolve(name, overrides)
+    tokenizer = build_tokenizer(spec.tokenizer, checkpoint=tokenizer_checkpoint, source="tokenizer_checkpoint")
+    return TokLIP(tokenizer, backbone_spec(spec.backbone), spec.image_size, spec.text, init_logit_bias=init_logit_bias)
+
+
+def _resolve(name: str, overrides: dict[str, Any]) -> Preset:
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Preset)}
+    if unknown:
+        raise TypeError(f"unknown override(s) for preset {name!r}: {', '.join(sorted(unknown))}")
+    return dataclasses.replace(preset(name), **overrides)
+
+
+def read_toklip_state_dict(path: str | os.PathLike, *, source: str | None = None) -> StateDict:
+    """The model weights of a released TokLIP checkpoint, a toklip Lightning checkpoint or an export.
+
+    Released checkpoints are whole training checkpoints whose optimizer state pickles numpy scalars;
+    exactly those numpy globals are allow-listed.
+    """
+    raw = read_checkpoint(path, source=source, allowed_globals=NUMPY_SCALARS)
+    state_dict = find_state_dict(raw, ("state_dict",), where=str(path))
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state_dict):
+            state_dict = strip_prefix(state_dict, prefix)
+    return state_dict
+
+
+def load_toklip(path: str | os.PathLike, preset: str | None = None, **overrides: Any) -> TokLIP:
+    """Load TokLIP weights strictly into the preset's architecture, in eval mode with a frozen text tower.
+
+    `preset` may be omitted for toklip exports, whose JSON sidecar names it.
+    """
+    path = Path(path)
+    state_dict = read_toklip_state_dict(path, source="load_toklip(path)")
+    name = preset or _preset_from_sidecar(path)
+    model = build_toklip(name, init_logit_bias=0.0 if "logit_bias" in state_dict else None, **overrides)
+    report = load_state_dict_strict(model, state_dict, where=str(path))
+    log.info("loaded %s into preset %s: %s", path, name, report)
+    model.freeze_text()
+    return model.eval()
+
+
+def sidecar_path(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+def _preset_from_sidecar(weights: Path) -> str:
+    sidecar = sidecar_path(weights)
+    if not sidecar.is_file():
+        raise ValueError(f"no preset given for {weights} and no {sidecar.name} beside it naming one")
+    return json.loads(sidecar.read_text())["preset"]
+
+
+def build_toklip_encoder(model: str, image_size: int, model_path: str | os.PathLike) -> TokLIP:
+    """The reference code's entry point: a preset or reference model name, its resolution, weights."""
+    name = REFERENCE_MODEL_NAMES.get(model, model)
+    if preset(name).image_size != image_size:
+        raise ValueError(f"{model!r} is a {preset(name).image_size} px model, not {image_size} px")
+    return load_toklip(model_path, preset=name)
+
+
+def get_text_tokenizer(name: str, tokenizer_path: str | os.PathLike | None = None) -> TextTokenizer:
+    """The text tokenizer of a preset: list[str] -> (B, context_length) int64."""
+    return get_text_tokenizer_for(preset(name).text, tokenizer_path)

@@ -1,0 +1,35 @@
+"""Named model presets: a tokenizer, a backbone, a resolution, a text tower and a teacher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    tokenizer: str
+    backbone: str
+    image_size: int
+    text: str
+    teacher: str | None  # open_clip model name of the teacher (and of the text tower's source)
+
+
+PRESETS: dict[str, Preset] = {
+    "toklip_s_256": Preset("llamagen_vq16", "so400m", 256, "siglip2_so400m", "ViT-SO400M-16-SigLIP2-256"),
+    "toklip_l_384": Preset("llamagen_vq16", "so400m", 384, "siglip2_so400m", "ViT-SO400M-16-SigLIP2-384"),
+    "toklip_so400m_512": Preset("llamagen_vq16", "so400m", 512, "siglip2_so400m", "ViT-SO400M-16-SigLIP2-512"),
+    "tiny_64": Preset("llamagen_tiny", "tiny", 64, "tiny", None),
+}
+
+# The reference code's model names, for `build_toklip_encoder` compatibility.
+REFERENCE_MODEL_NAMES = {
+    "ViT-SO400M-16-SigLIP2-256-toklip": "toklip_s_256",
+    "ViT-SO400M-16-SigLIP2-384-toklip": "toklip_l_384",
+}
+
+
+def preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,96 @@
+"""The TokLIP model: a token encoder over frozen VQ codes, a frozen text tower, a logit scale."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tokenizers import VQTokenizer
+from .backbones import BackboneSpec
+from .text import build_text_tower
+from .token_encoder import TokenEncoder
+
+
+class TokLIPVisual(nn.Module):
+    """Holds the trunk at `visual.trunk`, the release's layout (open_clip's TimmModel with no head)."""
+
+    def __init__(self, trunk: TokenEncoder) -> None:
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)
+
+
+class TokLIP(nn.Module):
+    """Image side: VQ codes -> causal token encoder -> MAP pool. Text side: an open_clip text tower.
+
+    The image embedding is the pooled trunk output itself (width = embed dim, no projection).
+    """
+
+    def __init__(
+        self,
+        tokenizer: VQTokenizer,
+        backbone: BackboneSpec,
+        image_size: int,
+        text: str | dict[str, Any],
+        init_logit_scale: float = math.log(10),
+        init_logit_bias: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.visual = TokLIPVisual(TokenEncoder(tokenizer, backbone, tokenizer.grid(image_size)))
+        self.text = build_text_tower(text, embed_dim=backbone.width)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # The release drops the bias (a softmax loss leaves it unused, which breaks DDP); SigLIP uses it.
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+
+    @property
+    def tokenizer(self) -> VQTokenizer:
+        return self.visual.trunk.vq
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.trunk.spec.width
+
+    @property
+    def context_length(self) -> int:
+        return self.text.context_length
+
+    def _maybe_normalize(self, x: torch.Tensor, normalize: bool) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def token_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> causal per-token semantic features (B, N, D)."""
+        return self.visual.trunk.features_from_codes(self.tokenizer.encode(images).codes)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self._maybe_normalize(self.visual(images), normalize)
+
+    def encode_indices(self, indices: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Image embedding from VQ indices (B, h, w) alone: the token-cache path, no VQ encoder run."""
+        trunk = self.visual.trunk
+        return self._maybe_normalize(trunk.pool(trunk.features_from_codes(self.tokenizer.lookup(indices))), normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self._maybe_normalize(self.text(tokens), normalize)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Normalised features and the logit scale/bias, as open_clip's `output_dict=True`."""
+        return {
+            "image_features": self.encode_image(images, normalize=True),
+            "text_features": self.encode_text(tokens, normalize=True),
+            "logit_scale": self.logit_scale.exp(),
+            "logit_bias": self.logit_bias,
+        }
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Trunk (without the VQ) and logit scale/bias: what TokLIP trains. The text tower is frozen."""
+        return {name: p for name, p in self.named_parameters() if not name.startswith(("text.", "visual.trunk.vq."))}
+
+    def freeze_text(self) -> None:
+        self.text.requires_grad_(False)
