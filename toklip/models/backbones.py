@@ -46,8 +46,9 @@ def vit_tiny_patch8_siglip_64(pretrained: bool = False, **kwargs) -> VisionTrans
     if pretrained:
         raise ValueError("vit_tiny_patch8_siglip_64 has no pretrained weights; train one (see the miniature)")
     spec = BACKBONES["tiny"]
-    return VisionTransformer(
-        img_size=kwargs.pop("img_size", 64), patch_size=8, embed_dim=spec.width, depth=spec.depth,
-        num_heads=spec.heads, mlp_ratio=spec.mlp_ratio, class_token=False, global_pool="map",
-        act_layer="gelu_tanh", **kwargs,
+    args = dict(
+        img_size=64, patch_size=8, embed_dim=spec.width, depth=spec.depth, num_heads=spec.heads,
+        mlp_ratio=spec.mlp_ratio, class_token=False, global_pool="map", act_layer="gelu_tanh",
     )
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+    return VisionTransformer(**{**args, **kwargs})

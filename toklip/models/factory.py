@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import NUMPY_SCALARS, StateDict, find_state_dict, load_state_dict_strict, read_checkpoint, strip_prefix
+from ..checkpoints import NUMPY_SCALARS, StateDict, compare_state_dict, save_safetensors, find_state_dict, load_state_dict_strict, read_checkpoint, strip_prefix
 from ..tokenizers import build_tokenizer
 from .backbones import backbone_spec
 from .presets import REFERENCE_MODEL_NAMES, Preset, preset
+from .teacher import build_open_clip, find_teacher_weights, read_open_clip_state_dict
 from .text import TextTokenizer, get_text_tokenizer_for
 from .toklip import TokLIP
 
@@ -62,7 +63,7 @@ def read_toklip_state_dict(path: str | os.PathLike, *, source: str | None = None
 
 
 def load_toklip(path: str | os.PathLike, preset: str | None = None, **overrides: Any) -> TokLIP:
-    """Load TokLIP weights strictly into the preset's architecture, in eval mode with a frozen text tower.
+    """Load TokLIP weights strictly into the preset's architecture, in eval mode.
 
     `preset` may be omitted for toklip exports, whose JSON sidecar names it.
     """
@@ -72,7 +73,6 @@ def load_toklip(path: str | os.PathLike, preset: str | None = None, **overrides:
     model = build_toklip(name, init_logit_bias=0.0 if "logit_bias" in state_dict else None, **overrides)
     report = load_state_dict_strict(model, state_dict, where=str(path))
     log.info("loaded %s into preset %s: %s", path, name, report)
-    model.freeze_text()
     return model.eval()
 
 
@@ -98,3 +98,34 @@ def build_toklip_encoder(model: str, image_size: int, model_path: str | os.PathL
 def get_text_tokenizer(name: str, tokenizer_path: str | os.PathLike | None = None) -> TextTokenizer:
     """The text tokenizer of a preset: list[str] -> (B, context_length) int64."""
     return get_text_tokenizer_for(preset(name).text, tokenizer_path)
+
+
+def export_toklip(state_dict: StateDict, preset_name: str, out: str | os.PathLike) -> Path:
+    """Write a self-contained TokLIP as safetensors, with a JSON sidecar naming its preset."""
+    out = save_safetensors(state_dict, out, metadata={"preset": preset_name})
+    sidecar_path(out).write_text(json.dumps({"preset": preset_name, "format": "toklip-safetensors"}, indent=2) + "\n")
+    return out
+
+
+def convert_released(checkpoint: str | os.PathLike, preset_name: str, out: str | os.PathLike) -> Path:
+    """A released TokLIP training checkpoint -> safetensors of the model weights (checked strictly)."""
+    state_dict = read_toklip_state_dict(checkpoint, source="checkpoint")
+    with torch.device("meta"):
+        model = build_toklip(preset_name, init_logit_bias=0.0 if "logit_bias" in state_dict else None)
+    report = compare_state_dict(model, state_dict)
+    if not report.ok:
+        raise ValueError(f"{checkpoint} does not fit preset {preset_name!r}:\n{report}")
+    return export_toklip(state_dict, preset_name, out)
+
+
+def convert_teacher(model: str, pretrained: str | os.PathLike | None, out: str | os.PathLike) -> Path:
+    """An open_clip model's weights (a file, or the HF cache) -> the safetensors file training reads."""
+    path = find_teacher_weights(model, pretrained)
+    state_dict = read_open_clip_state_dict(path, source="pretrained")
+    with torch.device("meta"):
+        report = compare_state_dict(build_open_clip(model), state_dict)
+    if not report.ok:
+        raise ValueError(f"{path} does not fit open_clip model {model!r}:\n{report}")
+    out = save_safetensors(state_dict, out, metadata={"open_clip_model": model})
+    sidecar_path(out).write_text(json.dumps({"open_clip_model": model, "source": str(path)}, indent=2) + "\n")
+    return out

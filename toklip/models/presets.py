@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from .backbones import BACKBONES
+from .text import text_config
 
 
 @dataclass(frozen=True)
@@ -33,3 +37,22 @@ def preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}") from None
+
+
+def _tiny_teacher_64() -> dict[str, Any]:
+    """A small open_clip CLIP whose vision trunk has the `tiny` backbone's keys (patch 8 at 64 px)."""
+    return {
+        "embed_dim": BACKBONES["tiny"].width,
+        "vision_cfg": {
+            "image_size": 64,
+            "timm_model_name": "vit_tiny_patch8_siglip_64",
+            "timm_model_pretrained": False,
+            "timm_pool": "map",
+            "timm_proj": "none",
+        },
+        "text_cfg": text_config("tiny"),
+    }
+
+
+# open_clip configs that toklip defines itself (small teachers for tests and the CPU miniature).
+OPEN_CLIP_CONFIGS = {"tiny_teacher_64": _tiny_teacher_64}

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .presets import OPEN_CLIP_CONFIGS
 from ..checkpoints import CheckpointError, StateDict, find_state_dict, load_state_dict_strict, read_checkpoint, strip_prefix
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,9 @@ _HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin
 
 
 def open_clip_config(model: str | Mapping[str, Any]) -> dict[str, Any]:
-    """open_clip's config dict for a model name, or a config given directly."""
+    """open_clip's config dict for a model name (toklip's own names first), or a config given directly."""
+    if isinstance(model, str) and model in OPEN_CLIP_CONFIGS:
+        return OPEN_CLIP_CONFIGS[model]()
     if isinstance(model, str):
         config = open_clip.get_model_config(model)
         if config is None:

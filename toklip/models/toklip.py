@@ -30,6 +30,7 @@ class TokLIP(nn.Module):
     """Image side: VQ codes -> causal token encoder -> MAP pool. Text side: an open_clip text tower.
 
     The image embedding is the pooled trunk output itself (width = embed dim, no projection).
+    The text tower is frozen three ways, as in the release: no grad, eval mode, no_grad calls.
     """
 
     def __init__(
@@ -44,7 +45,7 @@ class TokLIP(nn.Module):
         super().__init__()
         self.image_size = image_size
         self.visual = TokLIPVisual(TokenEncoder(tokenizer, backbone, tokenizer.grid(image_size)))
-        self.text = build_text_tower(text, embed_dim=backbone.width)
+        self.text = build_text_tower(text, embed_dim=backbone.width).requires_grad_(False).eval()
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         # The release drops the bias (a softmax loss leaves it unused, which breaks DDP); SigLIP uses it.
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
@@ -76,6 +77,7 @@ class TokLIP(nn.Module):
         trunk = self.visual.trunk
         return self._maybe_normalize(trunk.pool(trunk.features_from_codes(self.tokenizer.lookup(indices))), normalize)
 
+    @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return self._maybe_normalize(self.text(tokens), normalize)
 
@@ -92,5 +94,7 @@ class TokLIP(nn.Module):
         """Trunk (without the VQ) and logit scale/bias: what TokLIP trains. The text tower is frozen."""
         return {name: p for name, p in self.named_parameters() if not name.startswith(("text.", "visual.trunk.vq."))}
 
-    def freeze_text(self) -> None:
-        self.text.requires_grad_(False)
+    def train(self, mode: bool = True) -> TokLIP:
+        super().train(mode)
+        self.text.eval()  # frozen: a parent's .train() must not switch it
+        return self
