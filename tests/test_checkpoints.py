@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -7,17 +5,9 @@ import toklip
 from toklip.checkpoints import NUMPY_SCALARS, CheckpointError, read_checkpoint, save_safetensors
 
 
-class _RunsACommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_malicious_pickle_is_refused_without_running(tmp_path):
-    marker = tmp_path / "pwned"
-    torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsACommand(marker)}, tmp_path / "evil.pt")
+def test_malicious_pickle_is_refused_without_running(tmp_path, malicious_payload):
+    payload, marker = malicious_payload
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": payload}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match=r"refusing to load .*evil\.pt.*(posix|os)\.system"):
         toklip.build_tokenizer("llamagen_tiny", checkpoint=tmp_path / "evil.pt")
     assert not marker.exists()

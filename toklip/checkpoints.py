@@ -68,7 +68,8 @@ def read_checkpoint(
     allowed_globals = list(allowed_globals)
     try:
         with torch.serialization.safe_globals(allowed_globals):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # Memory-map zip-format files: a released checkpoint is 8 GB, mostly optimizer state.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         foreign = _foreign_globals(path, allowed_globals)
         if foreign:
