@@ -11,7 +11,16 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import NUMPY_SCALARS, StateDict, compare_state_dict, save_safetensors, find_state_dict, load_state_dict_strict, read_checkpoint, strip_prefix
+from ..checkpoints import (
+    NUMPY_SCALARS,
+    StateDict,
+    compare_state_dict,
+    find_state_dict,
+    load_state_dict_strict,
+    read_checkpoint,
+    save_safetensors,
+    strip_prefix,
+)
 from ..tokenizers import build_tokenizer
 from .backbones import backbone_spec
 from .presets import REFERENCE_MODEL_NAMES, Preset, preset
