@@ -227,3 +227,16 @@ def test_teacher_weights_file_is_converted_and_missing_weights_are_named(tmp_pat
 def test_siglip_text_tokenizer_offline_error():
     with pytest.raises((ImportError, FileNotFoundError), match=r"toklip\[siglip\]|nothing is downloaded"):
         toklip.get_text_tokenizer("toklip_s_256")
+
+
+def test_teacher_weights_are_found_in_an_existing_hf_cache(tmp_path):
+    from toklip.models.teacher import find_teacher_weights
+
+    repo = tmp_path / "models--timm--ViT-SO400M-16-SigLIP2-256"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"")
+    found = find_teacher_weights("ViT-SO400M-16-SigLIP2-256", None, cache_dir=tmp_path)
+    assert found == snapshot / "open_clip_model.safetensors"

@@ -42,8 +42,15 @@ def build_open_clip(model: str | Mapping[str, Any]) -> nn.Module:
     return open_clip.CustomTextCLIP(**config)
 
 
-def find_teacher_weights(model: str, pretrained: str | os.PathLike | None, *, source: str = "teacher.pretrained") -> Path:
-    """The weights file: `pretrained` when given, else the model's file in the existing HF cache."""
+def find_teacher_weights(
+    model: str,
+    pretrained: str | os.PathLike | None,
+    *,
+    source: str = "teacher.pretrained",
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """The weights file: `pretrained` when given, else the model's file in the existing HF cache
+    (`cache_dir`, default the hub's own)."""
     if pretrained is not None:
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -54,7 +61,7 @@ def find_teacher_weights(model: str, pretrained: str | os.PathLike | None, *, so
     for tag_cfg in (open_clip.get_pretrained_cfg(model, tag) for tag in open_clip.list_pretrained_tags_by_model(model)):
         repo = (tag_cfg or {}).get("hf_hub", "").strip("/")
         for filename in _HUB_WEIGHT_FILES if repo else ():
-            cached = try_to_load_from_cache(repo, filename)
+            cached = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
             if isinstance(cached, str):
                 return Path(cached)
     raise CheckpointError(
