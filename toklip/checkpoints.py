@@ -45,7 +45,8 @@ NUMPY_SCALARS = tuple(_numpy_scalar_globals())  # optimizer state of the release
 _UNREADABLE_FILE_ERRORS = (RuntimeError, EOFError, KeyError, IndexError, ValueError, TypeError, zipfile.BadZipFile)
 
 
-def _describe(path: Path, source: str | None) -> str:
+def describe_source(path: str | os.PathLike, source: str | None) -> str:
+    """A path for error messages, with the config key or argument it came from."""
     return f"{path} (from {source})" if source else str(path)
 
 
@@ -57,7 +58,7 @@ def read_checkpoint(
 ) -> Any:
     """Read a checkpoint safely. `source` names the config key or argument the path came from."""
     path = Path(path).expanduser()
-    where = _describe(path, source)
+    where = describe_source(path, source)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {where}")
     if path.suffix == ".safetensors":

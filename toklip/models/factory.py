@@ -111,8 +111,13 @@ def get_text_tokenizer(name: str, tokenizer_path: str | os.PathLike | None = Non
 
 def export_toklip(state_dict: StateDict, preset_name: str, out: str | os.PathLike) -> Path:
     """Write a self-contained TokLIP as safetensors, with a JSON sidecar naming its preset."""
-    out = save_safetensors(state_dict, out, metadata={"preset": preset_name})
-    sidecar_path(out).write_text(json.dumps({"preset": preset_name, "format": "toklip-safetensors"}, indent=2) + "\n")
+    return _save_with_sidecar(state_dict, out, {"preset": preset_name, "format": "toklip-safetensors"})
+
+
+def _save_with_sidecar(state_dict: StateDict, out: str | os.PathLike, description: dict[str, str]) -> Path:
+    """Safetensors carrying `description` as metadata, and the same as a readable JSON file beside it."""
+    out = save_safetensors(state_dict, out, metadata=description)
+    sidecar_path(out).write_text(json.dumps(description, indent=2) + "\n")
     return out
 
 
@@ -135,6 +140,4 @@ def convert_teacher(model: str, pretrained: str | os.PathLike | None, out: str |
         report = compare_state_dict(build_open_clip(model), state_dict)
     if not report.ok:
         raise ValueError(f"{path} does not fit open_clip model {model!r}:\n{report}")
-    out = save_safetensors(state_dict, out, metadata={"open_clip_model": model})
-    sidecar_path(out).write_text(json.dumps({"open_clip_model": model, "source": str(path)}, indent=2) + "\n")
-    return out
+    return _save_with_sidecar(state_dict, out, {"open_clip_model": model, "source": str(path)})

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .presets import OPEN_CLIP_CONFIGS
-from ..checkpoints import CheckpointError, StateDict, find_state_dict, load_state_dict_strict, read_checkpoint, strip_prefix
+from ..checkpoints import CheckpointError, StateDict, describe_source, find_state_dict, load_state_dict_strict, read_checkpoint, strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def find_teacher_weights(
     if pretrained is not None:
         path = Path(pretrained).expanduser()
         if not path.is_file():
-            raise CheckpointError(f"teacher weights not found: {path} (from {source})")
+            raise CheckpointError(f"teacher weights not found: {describe_source(path, source)}")
         return path
     from huggingface_hub import try_to_load_from_cache
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..checkpoints import LoadReport, StateDict, find_state_dict, load_state_dict_strict, read_checkpoint
+from ..checkpoints import LoadReport, StateDict, describe_source, find_state_dict, load_state_dict_strict, read_checkpoint
 from .conv_vq import ConvVQConfig, ConvVQModel
 
 # (state dict in the family's own layout) -> (state dict in ours, keys dropped on purpose)
@@ -68,7 +68,7 @@ def build_tokenizer(
 def load_tokenizer_weights(
     tokenizer: ConvVQModel, spec: TokenizerSpec, path: str | os.PathLike, *, source: str | None = None
 ) -> LoadReport:
-    where = f"{path} (from {source})" if source else str(path)
+    where = describe_source(path, source)
     raw = read_checkpoint(path, source=source, allowed_globals=spec.allowed_globals)
     state_dict, ignored = spec.convert_keys(find_state_dict(raw, spec.weights_keys, where=where), tokenizer.config)
     return load_state_dict_strict(tokenizer, state_dict, where=where, ignored=ignored)
