@@ -7,9 +7,13 @@ import torch
 import toklip
 
 
+def _run_tool(tool: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name(tool)
+    return subprocess.run([str(script), *overrides], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
 def _toklip_convert(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("toklip-convert")
-    return subprocess.run([str(script), *overrides], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return _run_tool("toklip-convert", *overrides, cwd=cwd)
 
 
 def test_toklip_convert_from_the_shell(tmp_path):
@@ -27,3 +31,21 @@ def test_toklip_convert_names_bad_input(tmp_path):
     assert missing_out.returncode != 0 and "out" in missing_out.stderr
     no_file = _toklip_convert("checkpoint=nowhere.pt", "preset=tiny_64", "out=x.safetensors", cwd=tmp_path)
     assert no_file.returncode != 0 and "checkpoint not found: nowhere.pt (from checkpoint)" in no_file.stderr
+
+
+def test_toklip_make_synthetic_from_the_shell_feeds_the_datamodule(tmp_path):
+    overrides = ["out=syn", "train_samples=40", "samples_per_shard=20", "zeroshot_classes=[shape]", "zeroshot_per_class=1", "retrieval_images=3"]
+    done = _run_tool("toklip-make-synthetic", *overrides, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"train shards: syn/train/{{000000..000001}}.tar" in done.stdout
+    dm = toklip.TokLIPDataModule(
+        str(tmp_path / "syn/train/{000000..000001}.tar"), text_tokenizer=toklip.get_text_tokenizer("tiny_64"), image_size=64,
+        train_num_samples=40, batch_size_per_device=8, num_workers=0,
+        eval_sets={"shapes": {"kind": "zeroshot", "root": str(tmp_path / "syn/zeroshot")}},
+    )  # fmt: skip
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 5 and batches[0]["image"].shape == (8, 3, 64, 64) and batches[0]["text"].shape == (8, 32)
+    assert dm.eval_sets["shapes"].classnames == ["circle", "square", "triangle", "diamond", "cross", "star"]
+    typo = _run_tool("toklip-make-synthetic", "out=syn2", "zeroshot_classes=[hue]", cwd=tmp_path)
+    assert typo.returncode != 0 and "unknown zero-shot attribute(s) ['hue']" in typo.stderr

@@ -1,6 +1,7 @@
 """toklip: train, evaluate and serve TokLIP visual tokenizers."""
 
 from .checkpoints import CheckpointError
+from .data import TokLIPDataModule
 from .models import (
     PRESETS,
     Teacher,
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "Teacher",
     "TokLIP",
+    "TokLIPDataModule",
     "VQEncoding",
     "VQTokenizer",
     "available_tokenizers",

@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg
 from torch import nn
 
+from ..data.transforms import preprocess_config
 from ..tokenizers import VQTokenizer
 from .backbones import BackboneSpec
 from .text import build_text_tower
@@ -57,6 +59,11 @@ class TokLIP(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.visual.trunk.spec.width
+
+    @property
+    def preprocess_cfg(self) -> PreprocessCfg:
+        """What the data pipeline must produce: the VQ's [-1, 1] input at the model's resolution."""
+        return preprocess_config(self.image_size, self.tokenizer.input_mean, self.tokenizer.input_std)
 
     @property
     def context_length(self) -> int:

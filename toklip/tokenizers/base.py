@@ -44,6 +44,10 @@ class VQTokenizer(nn.Module):
     search and `lookup` use) and `decode_latents`; and call `_freeze()` at the end of `__init__`.
     """
 
+    # Images enter in [-1, 1]: the normalisation a data pipeline applies to [0, 1] pixels.
+    input_mean = (0.5, 0.5, 0.5)
+    input_std = (0.5, 0.5, 0.5)
+
     def __init__(self, codebook_size: int, code_dim: int, downsample: int, l2_normalized: bool) -> None:
         super().__init__()
         self._codebook_size = codebook_size
