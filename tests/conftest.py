@@ -33,3 +33,22 @@ def malicious_payload(tmp_path):
     """(an object whose unpickling runs a command, the file that command would create)."""
     marker = tmp_path / "payload-ran"
     return _RunsACommand(marker), marker
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_checkpoint(tmp_path_factory):
+    """A random-init `tiny_teacher_64` open_clip model saved as safetensors (the teacher file format)."""
+    from toklip.checkpoints import save_safetensors
+    from toklip.models.teacher import build_open_clip
+
+    torch.manual_seed(123)
+    return save_safetensors(build_open_clip("tiny_teacher_64").state_dict(), tmp_path_factory.mktemp("teacher") / "tiny_teacher.safetensors")
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory):
+    """A small synthetic-scene set: 256 training samples in 4 shards, 7 colour classes, 20 retrieval images."""
+    from toklip.data import SyntheticConfig, make_synthetic
+
+    config = SyntheticConfig(train_samples=256, samples_per_shard=64, zeroshot_classes=("colour",), zeroshot_per_class=3, retrieval_images=20)
+    return make_synthetic(tmp_path_factory.mktemp("synthetic"), config)

@@ -12,6 +12,7 @@ from .models import (
     init_from_teacher,
     load_toklip,
 )
+from .training import TokLIPModule
 from .tokenizers import VQEncoding, VQTokenizer, available_tokenizers, build_tokenizer
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "Teacher",
     "TokLIP",
     "TokLIPDataModule",
+    "TokLIPModule",
     "VQEncoding",
     "VQTokenizer",
     "available_tokenizers",

@@ -169,6 +169,7 @@ class ShardStream(IterableDataset):
             rng = random.Random(self._stream_seed("samples", epoch, worker))
             samples = shuffle(*self.sample_shuffle, rng=rng)(samples)
 
+        augment_seed = random.Random(self._stream_seed("augment", epoch, worker)).getrandbits(62)
         skip, produced = self.resume.offset(epoch, self.rank, worker, self.world_size, num_workers) if self.resume else (0, 0)
         quota = math.ceil(self.num_batches / num_workers)
         position, batch = 0, []
@@ -179,7 +180,10 @@ class ShardStream(IterableDataset):
             if position <= skip:
                 continue  # resuming: consumed before the checkpoint; not decoded again
             try:
-                batch.append(self.decoder(sample))
+                # Augmentation drawn from (stream, position) alone: a resumed run crops as the first did.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(augment_seed + position)
+                    batch.append(self.decoder(sample))
             except SkippedSample as skipped:
                 counts[skipped.reason] += 1
                 log.debug("skipped %s from %s: %s", sample.get("__key__"), sample.get("__url__"), skipped)

@@ -74,11 +74,14 @@ def read_toklip_state_dict(path: str | os.PathLike, *, source: str | None = None
 def load_toklip(path: str | os.PathLike, preset: str | None = None, **overrides: Any) -> TokLIP:
     """Load TokLIP weights strictly into the preset's architecture, in eval mode.
 
-    `preset` may be omitted for toklip exports, whose JSON sidecar names it.
+    `preset` may be omitted for toklip exports, whose JSON sidecar names it (and any overrides).
     """
     path = Path(path)
     state_dict = read_toklip_state_dict(path, source="load_toklip(path)")
-    name = preset or _preset_from_sidecar(path)
+    if preset is None:
+        preset, recorded = _preset_from_sidecar(path)
+        overrides = {**recorded, **overrides}
+    name = preset
     model = build_toklip(name, init_logit_bias=0.0 if "logit_bias" in state_dict else None, **overrides)
     report = load_state_dict_strict(model, state_dict, where=str(path))
     log.info("loaded %s into preset %s: %s", path, name, report)
@@ -89,11 +92,12 @@ def sidecar_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
-def _preset_from_sidecar(weights: Path) -> str:
+def _preset_from_sidecar(weights: Path) -> tuple[str, dict[str, Any]]:
     sidecar = sidecar_path(weights)
     if not sidecar.is_file():
         raise ValueError(f"no preset given for {weights} and no {sidecar.name} beside it naming one")
-    return json.loads(sidecar.read_text())["preset"]
+    description = json.loads(sidecar.read_text())
+    return description["preset"], json.loads(description.get("overrides", "{}"))
 
 
 def build_toklip_encoder(model: str, image_size: int, model_path: str | os.PathLike) -> TokLIP:
@@ -109,9 +113,12 @@ def get_text_tokenizer(name: str, tokenizer_path: str | os.PathLike | None = Non
     return get_text_tokenizer_for(preset(name).text, tokenizer_path)
 
 
-def export_toklip(state_dict: StateDict, preset_name: str, out: str | os.PathLike) -> Path:
-    """Write a self-contained TokLIP as safetensors, with a JSON sidecar naming its preset."""
-    return _save_with_sidecar(state_dict, out, {"preset": preset_name, "format": "toklip-safetensors"})
+def export_toklip(state_dict: StateDict, preset_name: str, out: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Path:
+    """Write a self-contained TokLIP as safetensors, with a JSON sidecar naming its preset (and overrides)."""
+    description = {"preset": preset_name, "format": "toklip-safetensors"}
+    if overrides:
+        description["overrides"] = json.dumps(overrides, sort_keys=True)  # safetensors metadata is str -> str
+    return _save_with_sidecar(state_dict, out, description)
 
 
 def _save_with_sidecar(state_dict: StateDict, out: str | os.PathLike, description: dict[str, str]) -> Path:

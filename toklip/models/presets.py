@@ -22,7 +22,7 @@ PRESETS: dict[str, Preset] = {
     "toklip_s_256": Preset("llamagen_vq16", "so400m", 256, "siglip2_so400m", "ViT-SO400M-16-SigLIP2-256"),
     "toklip_l_384": Preset("llamagen_vq16", "so400m", 384, "siglip2_so400m", "ViT-SO400M-16-SigLIP2-384"),
     "toklip_so400m_512": Preset("llamagen_vq16", "so400m", 512, "siglip2_so400m", "ViT-SO400M-16-SigLIP2-512"),
-    "tiny_64": Preset("llamagen_tiny", "tiny", 64, "tiny", None),
+    "tiny_64": Preset("llamagen_tiny", "tiny", 64, "tiny", "tiny_teacher_64"),
 }
 
 # The reference code's model names, for `build_toklip_encoder` compatibility.

@@ -96,10 +96,17 @@ class Teacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, return_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The image embedding; with `return_tokens`, also the trunk's patch tokens (timm trunks)."""
         if tuple(images.shape[-2:]) != self.image_size:
             images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
-        return self.visual(images)
+        if not return_tokens:
+            return self.visual(images)
+        trunk = getattr(self.visual, "trunk", None)
+        if trunk is None or not hasattr(trunk, "forward_features"):
+            raise ValueError("patch tokens need a teacher with a timm trunk (open_clip's TimmModel)")
+        tokens = trunk.forward_features(images)
+        return self.visual.head(trunk.forward_head(tokens)), tokens
 
 
 @dataclass

@@ -88,14 +88,20 @@ class TokLIP(nn.Module):
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return self._maybe_normalize(self.text(tokens), normalize)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """Normalised features and the logit scale/bias, as open_clip's `output_dict=True`."""
-        return {
-            "image_features": self.encode_image(images, normalize=True),
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, return_tokens: bool = False) -> dict[str, torch.Tensor | None]:
+        """Normalised features and the logit scale/bias, as open_clip's `output_dict=True`;
+        with `return_tokens`, also the per-token features (`image_tokens`, B x N x D)."""
+        trunk = self.visual.trunk
+        token_features = trunk.features_from_codes(self.tokenizer.encode(images).codes)
+        out = {
+            "image_features": F.normalize(trunk.pool(token_features), dim=-1),
             "text_features": self.encode_text(tokens, normalize=True),
             "logit_scale": self.logit_scale.exp(),
             "logit_bias": self.logit_bias,
         }
+        if return_tokens:
+            out["image_tokens"] = token_features
+        return out
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Trunk (without the VQ) and logit scale/bias: what TokLIP trains. The text tower is frozen."""

@@ -1,0 +1,287 @@
+"""TokLIPModule: gradients, DDP and FSDP2 on CPU, optimisation, schedule, checkpoints, resume, export."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import fsspec.implementations.local
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader
+
+import toklip
+from toklip.checkpoints import CheckpointError
+from toklip.training import ExportModel, TokLIPModule, param_groups, warmup_cosine
+
+
+def module(teacher, **options) -> TokLIPModule:
+    torch.manual_seed(0)
+    options = {"lr": 1e-3, "warmup_steps": 2, "total_steps": 100, **options}
+    return TokLIPModule("tiny_64", teacher_checkpoint=str(teacher), **options)
+
+
+def random_batch(n=8, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(n, 3, 64, 64, generator=g) * 2 - 1, "text": torch.randint(1, 49000, (n, 32), generator=g)}
+
+
+def fixed_batches(batches: list[dict]) -> DataLoader:
+    return DataLoader(batches, batch_size=None)
+
+
+def trainer(**options) -> L.Trainer:
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(**{**defaults, **options})
+
+
+def datamodule(synthetic, **options) -> toklip.TokLIPDataModule:
+    defaults = dict(text_tokenizer=toklip.get_text_tokenizer("tiny_64"), image_size=64, train_num_samples=256, batch_size_per_device=8, num_workers=0)
+    return toklip.TokLIPDataModule(synthetic.train_urls, **{**defaults, **options})
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_only_trainable_parameters_get_gradients(tiny_teacher_checkpoint):
+    m = module(tiny_teacher_checkpoint)
+    sum(m.compute_losses(random_batch()).values()).backward()
+    trainable = set(m.model.trainable_parameters())
+    for name, param in m.named_parameters():
+        short = name.removeprefix("model.")
+        if short in trainable:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None and not param.requires_grad, name
+    assert any(n.startswith("teacher.") for n, _ in m.named_parameters())
+    assert not any(p.requires_grad for p in m.model.text.parameters())
+
+
+def test_student_starts_from_the_teacher(tiny_teacher_checkpoint):
+    m = module(tiny_teacher_checkpoint)
+    teacher_block = m.teacher.visual.trunk.blocks[0].attn.qkv.weight
+    assert torch.equal(m.model.visual.trunk.blocks[0].attn.qkv.weight, teacher_block)
+    assert m.contrastive.__class__.__name__ == "ClipLoss" and m.distill.weight == 1000.0
+
+
+def test_missing_teacher_weights_name_the_key(tmp_path):
+    with pytest.raises(CheckpointError, match="teacher_checkpoint"):
+        TokLIPModule("tiny_64", teacher_checkpoint=str(tmp_path / "missing.safetensors"))
+
+
+def test_parameter_groups_follow_the_release_rule(tiny_teacher_checkpoint):
+    m = module(tiny_teacher_checkpoint)
+    named = [(n, p) for n, p in m.model.named_parameters() if p.requires_grad]
+    no_decay, decay = param_groups(named, 0.1)
+    names = {id(p): n for n, p in named}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "visual.trunk.vq_table.bias", "visual.trunk.norm.weight"} <= no_decay_names
+    assert {"visual.trunk.pos_embed", "visual.trunk.attn_pool.latent", "visual.trunk.vq_table.weight"} <= {names[id(p)] for p in decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    assert len(no_decay["params"]) + len(decay["params"]) == len(named)
+    timm_no_decay = {names[id(p)] for p in param_groups(named, 0.1, rule="timm")[0]["params"]}
+    assert {"visual.trunk.pos_embed", "visual.trunk.attn_pool.latent"} <= timm_no_decay
+
+
+def test_schedule_is_the_release_formula():
+    factor = warmup_cosine(warmup_steps=4, total_steps=14)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == 1.0  # cosine starts at the top
+    assert factor(9) == pytest.approx(0.5)  # halfway through the 10 cosine steps
+    assert factor(13) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 9 / 10)).item()))
+
+
+def test_trainer_applies_schedule_and_clamps_the_logit_scale(tiny_teacher_checkpoint):
+    m = module(tiny_teacher_checkpoint, warmup_steps=4, total_steps=10, lr=1.0)
+    with torch.no_grad():
+        m.model.logit_scale.fill_(4.6)  # just under ln 100; lr 1.0 pushes it past
+    lrs = []
+
+    class LrRecorder(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer(max_steps=3, callbacks=[LrRecorder()]).fit(m, fixed_batches([random_batch(4, s) for s in range(3)]))
+    assert lrs == pytest.approx([0.25, 0.5, 0.75])
+    assert 0.0 <= m.model.logit_scale.item() <= torch.log(torch.tensor(100.0)).item()
+
+
+def test_accumulating_the_distillation_term_equals_the_big_batch(tiny_teacher_checkpoint):
+    batch = random_batch(8)
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+
+    def grads(batches):
+        m = module(tiny_teacher_checkpoint)
+        for b in batches:
+            (m.compute_losses(b)["distill"] / len(batches)).backward()
+        return {n: p.grad.clone() for n, p in m.model.named_parameters() if p.grad is not None}
+
+    big, accumulated = grads([batch]), grads(halves)
+    assert big.keys() == accumulated.keys() and len(big) > 10
+    for name in big:
+        assert torch.allclose(big[name], accumulated[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_accumulate_grad_batches_runs(tiny_teacher_checkpoint):
+    m = module(tiny_teacher_checkpoint)
+    t = trainer(max_steps=2, accumulate_grad_batches=2)
+    t.fit(m, fixed_batches([random_batch(4, s) for s in range(4)]))
+    assert t.global_step == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _LossesOf(torch.nn.Module):
+    """DDP needs a forward to wrap: this one is the module's losses."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, batch):
+        return self.inner.compute_losses(batch)
+
+
+def _ddp_step(rank, world, port, teacher, options, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    m = module(teacher, **options)
+    ddp = torch.nn.parallel.DistributedDataParallel(_LossesOf(m))
+    batch = random_batch(8)
+    per_rank = 8 // world
+    total = sum(ddp({k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}).values())
+    total.backward()
+    loss = total.detach().clone()
+    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    if rank == 0:
+        grads = {n: p.grad for n, p in m.model.named_parameters() if p.grad is not None}
+        torch.save({"loss": loss, "grads": grads}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("options", [{}, {"local_loss": True, "gather_with_grad": True}], ids=["gathered-no-grad", "local-loss"])
+def test_two_process_ddp_step_equals_one_process_over_the_global_batch(tiny_teacher_checkpoint, tmp_path, options):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_step, args=(2, _free_port(), str(tiny_teacher_checkpoint), options, str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    m = module(tiny_teacher_checkpoint, **options)
+    total = sum(m.compute_losses(random_batch(8)).values())
+    total.backward()
+    assert ddp["loss"].item() == pytest.approx(total.item(), abs=1e-5)
+    single = {n: p.grad for n, p in m.model.named_parameters() if p.grad is not None}
+    assert single.keys() == ddp["grads"].keys()
+    for name, grad in single.items():
+        assert torch.allclose(ddp["grads"][name], grad, atol=1e-5), name
+
+
+def test_fsdp2_runs_two_steps_on_cpu(tiny_teacher_checkpoint, synthetic_set, tmp_path):
+    """Lightning's ModelParallelStrategy re-launches the script, so this runs as its own program."""
+    script = tmp_path / "fsdp2.py"
+    script.write_text(textwrap.dedent(f"""
+        import lightning as L, toklip
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        dm = toklip.TokLIPDataModule({synthetic_set.train_urls!r}, text_tokenizer=toklip.get_text_tokenizer("tiny_64"),
+                                     image_size=64, train_num_samples=64, batch_size_per_device=4, num_workers=0)
+        m = toklip.TokLIPModule("tiny_64", teacher_checkpoint={str(tiny_teacher_checkpoint)!r}, lr=1e-3, warmup_steps=1, total_steps=2)
+        t = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      callbacks=[toklip.training.ExportModel({str(tmp_path)!r}, "fsdp2.safetensors")])
+        t.fit(m, dm)
+        print(f"rank {{t.global_rank}} steps {{t.global_step}} sharded {{type(m.model.visual.trunk.blocks[0].attn.qkv.weight).__name__}}")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 steps 2 sharded DTensor" in done.stdout and "rank 1 steps 2 sharded DTensor" in done.stdout
+    exported = toklip.load_toklip(tmp_path / "fsdp2.safetensors")
+    assert exported.visual.trunk.blocks[0].attn.qkv.weight.shape == (384, 128)
+
+
+def test_tiny_model_overfits_a_small_batch(tiny_teacher_checkpoint, synthetic_set):
+    dm = datamodule(synthetic_set, sample_shuffle=(0, 0), shard_shuffle=(0, 0))
+    batch = next(iter(dm.train_loader()))
+    batch.pop("stream")
+    m = module(tiny_teacher_checkpoint, distill_weight=0.0, lr=5e-4, warmup_steps=5, total_steps=80, weight_decay=0.0)
+    recorder = LossRecorder()
+    trainer(max_steps=80, callbacks=[recorder]).fit(m, fixed_batches([batch] * 80))
+    first, last = recorder.losses[0], sum(recorder.losses[-5:]) / 5
+    assert first > 1.8 and last < 0.25 * first, (first, last)  # ln 8 = 2.08: chance at the start
+
+
+def _fit(synthetic, teacher, root, max_steps, ckpt_path=None, callbacks=()):
+    m = module(teacher, total_steps=6)
+    recorder = LossRecorder()
+    checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_last=True, save_top_k=-1)
+    t = trainer(max_steps=max_steps, enable_checkpointing=True, callbacks=[recorder, checkpoints, *callbacks])
+    t.fit(m, datamodule(synthetic), ckpt_path=ckpt_path, weights_only=True)
+    return m, recorder.losses
+
+
+def test_resume_continues_the_same_loss_trajectory(tiny_teacher_checkpoint, synthetic_set, tmp_path):
+    _, uninterrupted = _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path / "a", max_steps=6)
+    _, head = _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path / "b", max_steps=3)
+    resumed, tail = _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path / "b", max_steps=6, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert len(uninterrupted) == 6 and len(head) == 3 and len(tail) == 3
+    assert head + tail == pytest.approx(uninterrupted, abs=1e-6)
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert set(saved["state_dict"]) == {f"model.{n}" for n in resumed.model.trainable_parameters()}
+    assert "TokLIPDataModule" in saved and saved["toklip"]["preset"] == "tiny_64"
+
+
+def test_a_crash_while_writing_leaves_the_last_checkpoint_intact(tiny_teacher_checkpoint, synthetic_set, tmp_path, monkeypatch):
+    _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path, max_steps=3)
+    before = (tmp_path / "last.ckpt").read_bytes()
+    real_write = fsspec.implementations.local.LocalFileOpener.write
+
+    def write_half_then_die(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", write_half_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path, max_steps=6, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert (tmp_path / "last.ckpt").read_bytes() == before
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_teacher_checkpoint, synthetic_set, tmp_path):
+    _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path, max_steps=3)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    saved["state_dict"].pop("model.logit_scale")
+    saved["state_dict"]["model.surprise"] = torch.zeros(1)
+    torch.save(saved, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match=r"missing \['model.logit_scale'\], unexpected \['model.surprise'\]"):
+        _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path / "x", max_steps=6, ckpt_path=str(tmp_path / "other.ckpt"))
+
+
+def test_export_writes_a_model_load_toklip_reads(tiny_teacher_checkpoint, synthetic_set, tmp_path):
+    trained, _ = _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path, max_steps=2, callbacks=[ExportModel(tmp_path / "export")])
+    loaded = toklip.load_toklip(tmp_path / "export" / "toklip.safetensors")
+    images = random_batch(2)["image"]
+    assert torch.equal(loaded.encode_image(images), trained.model.eval().encode_image(images))
+
+
+def test_validation_logs_zeroshot_and_retrieval_metrics(tiny_teacher_checkpoint, synthetic_set):
+    eval_sets = {
+        "colours": {"kind": "zeroshot", "root": str(synthetic_set.zeroshot)},
+        "scenes": {"kind": "retrieval", "captions": str(synthetic_set.retrieval_captions), "images": str(synthetic_set.retrieval_images)},
+    }
+    t = trainer(max_steps=1, val_check_interval=1, num_sanity_val_steps=0)
+    t.fit(module(tiny_teacher_checkpoint), datamodule(synthetic_set, eval_sets=eval_sets))
+    metrics = t.callback_metrics
+    assert {"val/colours/top1", "val/colours/top5", "val/scenes/i2t_R@1", "val/scenes/t2i_R@10"} <= set(metrics)
+    assert metrics["val/scenes/t2i_R@10"] >= metrics["val/scenes/t2i_R@1"]
+    assert {"data/skipped_corrupt_image", "train/loss_contrastive", "train/loss_distill", "train/logit_scale", "train/lr"} <= set(metrics)
