@@ -285,3 +285,13 @@ def test_validation_logs_zeroshot_and_retrieval_metrics(tiny_teacher_checkpoint,
     assert {"val/colours/top1", "val/colours/top5", "val/scenes/i2t_R@1", "val/scenes/t2i_R@10"} <= set(metrics)
     assert metrics["val/scenes/t2i_R@10"] >= metrics["val/scenes/t2i_R@1"]
     assert {"data/skipped_corrupt_image", "train/loss_contrastive", "train/loss_distill", "train/logit_scale", "train/lr"} <= set(metrics)
+
+
+def test_token_distillation_and_siglip_options(tiny_teacher_checkpoint):
+    m = module(tiny_teacher_checkpoint, token_distill_weight=10.0, contrastive="siglip", distill_form="cosine")
+    losses = m.compute_losses(random_batch(4))
+    assert set(losses) == {"contrastive", "distill", "token_distill"}
+    sum(losses.values()).backward()
+    assert m.model.logit_bias is not None and m.model.logit_bias.grad is not None
+    with pytest.raises(ValueError, match="contrastive='softmax'"):
+        module(tiny_teacher_checkpoint, contrastive="softmax")
