@@ -17,6 +17,15 @@ from .tokenizers import VQEncoding, VQTokenizer, available_tokenizers, build_tok
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # toklip.train(cfg) lives with the command-line tools (it needs Hydra and conf/): imported on use.
+    if name == "train":
+        from .cli.train import train
+
+        return train
+    raise AttributeError(f"module 'toklip' has no attribute {name!r}")
+
 __all__ = [
     "PRESETS",
     "CheckpointError",
@@ -33,4 +42,5 @@ __all__ = [
     "get_text_tokenizer",
     "init_from_teacher",
     "load_toklip",
+    "train",
 ]

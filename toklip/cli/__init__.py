@@ -1,8 +1,25 @@
 """Console entry points: each a thin Hydra main over a plain function."""
 
+import datetime
+import os
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 # The Hydra configs live in conf/ at the top of the source tree (install with `pip install -e .`).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 if not CONFIG_DIR.is_dir():
     raise ImportError(f"toklip's Hydra configs are missing: expected {CONFIG_DIR} (install from a clone with pip install -e .)")
+
+
+def run_id() -> str:
+    """One name for a run on every rank: the SLURM job or torchrun run id, else the start time."""
+    for variable in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(variable)
+        if value and value != "none":
+            return f"{variable.split('_')[0].lower()}-{value}"
+    return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+if not OmegaConf.has_resolver("toklip_run_id"):
+    OmegaConf.register_new_resolver("toklip_run_id", run_id, use_cache=True)

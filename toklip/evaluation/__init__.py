@@ -1,5 +1,6 @@
-"""Evaluation: zero-shot classification and image-text retrieval metrics."""
+"""Evaluation: zero-shot classification and image-text retrieval."""
 
-from .metrics import RetrievalRecall, encode_texts, zeroshot_classifier, zeroshot_logits, zeroshot_metrics
+from .evaluate import evaluate
+from .metrics import RetrievalRecall, ZeroShotAccuracy, eval_metric, retrieval_recall, zeroshot_classifier
 
-__all__ = ["RetrievalRecall", "encode_texts", "zeroshot_classifier", "zeroshot_logits", "zeroshot_metrics"]
+__all__ = ["RetrievalRecall", "ZeroShotAccuracy", "eval_metric", "evaluate", "retrieval_recall", "zeroshot_classifier"]

@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
+from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.utilities import dim_zero_cat
 
-from ..data.eval_sets import ZeroShotSet
+from ..data.eval_sets import EvalSet, ZeroShotSet
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,24 @@ def zeroshot_metrics(num_classes: int) -> MetricCollection:
 
 def zeroshot_logits(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     return 100.0 * F.normalize(image_features, dim=-1) @ classifier.to(image_features.dtype)
+
+
+class ZeroShotAccuracy(nn.Module):
+    """Top-1/top-5 of image embeddings against a fixed zero-shot classifier (D, classes)."""
+
+    def __init__(self, classifier: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("classifier", classifier, persistent=False)
+        self.accuracy = zeroshot_metrics(classifier.shape[1])
+
+    def update(self, image_features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.accuracy.update(zeroshot_logits(image_features, self.classifier), labels)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return self.accuracy.compute()
+
+    def reset(self) -> None:
+        self.accuracy.reset()
 
 
 class RetrievalRecall(Metric):
@@ -98,3 +117,10 @@ def retrieval_recall(scores: torch.Tensor, text_to_image: torch.Tensor, ks: Sequ
         top_images = scores.T.topk(min(k, num_images), dim=1).indices  # (texts, k)
         results[f"t2i_R@{k}"] = (top_images == text_to_image[:, None]).any(1).float().mean()
     return results
+
+
+def eval_metric(model, tokenizer: Callable[[list[str]], torch.Tensor], dataset: EvalSet, device) -> ZeroShotAccuracy | RetrievalRecall:
+    """The metric of an evaluation set, its text side (classes or captions) encoded once."""
+    if isinstance(dataset, ZeroShotSet):
+        return ZeroShotAccuracy(zeroshot_classifier(model, tokenizer, dataset, device)).to(device)
+    return RetrievalRecall(encode_texts(model, tokenizer, dataset.texts, device), dataset.text_to_image).to(device)

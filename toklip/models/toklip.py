@@ -46,6 +46,7 @@ class TokLIP(nn.Module):
     ) -> None:
         super().__init__()
         self.image_size = image_size
+        self.text_spec = text  # the tower's name (or config): its tokenizer comes from it
         self.visual = TokLIPVisual(TokenEncoder(tokenizer, backbone, tokenizer.grid(image_size)))
         self.text = build_text_tower(text, embed_dim=backbone.width).requires_grad_(False).eval()
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))

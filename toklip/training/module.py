@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, StateDict
-from ..data.eval_sets import RetrievalSet, ZeroShotSet
-from ..evaluation.metrics import RetrievalRecall, encode_texts, zeroshot_classifier, zeroshot_logits, zeroshot_metrics
+from ..data.eval_sets import EvalSet
+from ..evaluation.metrics import eval_metric
 from ..losses import ClipLoss, DistillLoss, SigLipLoss
 from ..models.factory import build_toklip, export_toklip
 from ..models.presets import preset as preset_spec
@@ -34,7 +34,8 @@ class TokLIPModule(L.LightningModule):
     The student is built from `preset` (+ `model_overrides`) and initialised from the teacher's
     weights (`teacher_checkpoint`, or the teacher's file in the existing HF cache): trunk, text tower
     and logit scale wherever name and shape match. The VQ (from `tokenizer_checkpoint`), the text
-    tower and the teacher are frozen. `distill_weight=0` trains without a teacher.
+    tower and the teacher are frozen. `teacher` is an open_clip model name ("preset": the preset's);
+    `teacher=None` with `distill_weight=0` trains without one (the text tower then stays random).
 
     Gradient accumulation (`Trainer(accumulate_grad_batches=k)`) averages the losses of k micro-
     batches. For the distillation terms, means of per-sample terms, that is exactly the gradient of
@@ -48,7 +49,7 @@ class TokLIPModule(L.LightningModule):
         *,
         model_overrides: Mapping[str, Any] | None = None,
         tokenizer_checkpoint: str | None = None,
-        teacher: str | None = None,
+        teacher: str | None = "preset",
         teacher_checkpoint: str | None = None,
         text_tokenizer_path: str | None = None,
         contrastive: str = "clip",
@@ -77,7 +78,7 @@ class TokLIPModule(L.LightningModule):
         self.model = build_toklip(
             preset, tokenizer_checkpoint=tokenizer_checkpoint, init_logit_bias=-10.0 if contrastive == "siglip" else None, **self.model_overrides
         )
-        self.teacher_name = teacher or preset_spec(preset).teacher
+        self.teacher_name = preset_spec(preset).teacher if teacher == "preset" else teacher
         self.teacher = self._build_teacher(teacher_checkpoint) if self.teacher_name else None
         if self.teacher is None:
             log.warning("no teacher: the text tower of %s stays at its random init and nothing is distilled", preset)
@@ -91,7 +92,6 @@ class TokLIPModule(L.LightningModule):
                 block.compile()
         self.text_tokenizer = get_text_tokenizer_for(self.model_text, text_tokenizer_path)
         self.eval_metrics = nn.ModuleDict()
-        self._classifiers: dict[str, torch.Tensor] = {}
         self._step_started = 0.0
 
     @property
@@ -187,30 +187,20 @@ class TokLIPModule(L.LightningModule):
 
     # ---- validation -------------------------------------------------------------------------------
 
-    def _eval_sets(self) -> dict[str, ZeroShotSet | RetrievalSet]:
+    def _eval_sets(self) -> dict[str, EvalSet]:
         datamodule = getattr(self.trainer, "datamodule", None)
         return dict(getattr(datamodule, "eval_sets", {}) or {})
 
     def on_validation_start(self) -> None:
         """Class embeddings and caption embeddings once per run: the text tower never changes."""
         for name, dataset in self._eval_sets().items():
-            if name in self.eval_metrics:
-                continue
-            if isinstance(dataset, ZeroShotSet):
-                self._classifiers[name] = zeroshot_classifier(self.model, self.text_tokenizer, dataset, self.device)
-                self.eval_metrics[name] = zeroshot_metrics(len(dataset.classnames)).to(self.device)
-            else:
-                texts = encode_texts(self.model, self.text_tokenizer, dataset.texts, self.device)
-                self.eval_metrics[name] = RetrievalRecall(texts, dataset.text_to_image).to(self.device)
+            if name not in self.eval_metrics:
+                self.eval_metrics[name] = eval_metric(self.model, self.text_tokenizer, dataset, self.device)
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         name = list(self._eval_sets())[dataloader_idx]
         images, targets = batch
-        features = self.model.encode_image(images, normalize=True)
-        if name in self._classifiers:
-            self.eval_metrics[name].update(zeroshot_logits(features, self._classifiers[name]), targets)
-        else:
-            self.eval_metrics[name].update(features, targets)
+        self.eval_metrics[name].update(self.model.encode_image(images, normalize=True), targets)
 
     def on_validation_epoch_end(self) -> None:
         for name in self._eval_sets():
@@ -220,17 +210,22 @@ class TokLIPModule(L.LightningModule):
 
     # ---- checkpoints and export -------------------------------------------------------------------
 
-    def _trainable_keys(self) -> set[str]:
-        return {f"model.{name}" for name in self.model.trainable_parameters()}
+    def _checkpoint_keys(self) -> set[str]:
+        """The trainable weights, plus any frozen part that has no file to be re-read from (a random VQ
+        or, without a teacher, a random text tower)."""
+        keys = {f"model.{name}" for name in self.model.trainable_parameters()}
+        sourceless = [prefix for prefix, source in (("model.visual.trunk.vq.", self.hparams.tokenizer_checkpoint), ("model.text.", self.teacher)) if source is None]
+        keys |= {key for key in self.state_dict() if key.startswith(tuple(sourceless))} if sourceless else set()
+        return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep what training changes; the VQ, the text tower and the teacher are re-read from their sources."""
-        keep = self._trainable_keys()
+        keep = self._checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["toklip"] = {"preset": self.preset_name, "model_overrides": dict(self.model_overrides)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved, keep = set(checkpoint["state_dict"]), self._trainable_keys()
+        saved, keep = set(checkpoint["state_dict"]), self._checkpoint_keys()
         if saved != keep:
             missing, unexpected = sorted(keep - saved), sorted(saved - keep)
             raise CheckpointError(

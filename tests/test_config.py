@@ -1,0 +1,140 @@
+"""Hydra configuration: every experiment composes, resolution moves a run, errors name the key,
+and the console tools run from the shell (train, a sweep, eval, encode) and from Python."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
+
+import toklip
+from toklip.cli import CONFIG_DIR
+from toklip.cli.train import check_required
+
+FULL_SIZE = ["toklip_s_256", "toklip_l_384", "toklip_so400m_512"]
+
+
+def composed(*overrides: str, config: str = "train", output_dir: Path | None = None):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir or "unused")
+        del cfg.hydra
+    return cfg
+
+
+@pytest.mark.parametrize("experiment", ["tiny", *FULL_SIZE])
+def test_every_experiment_composes_and_builds_on_meta(experiment):
+    cfg = composed(f"experiment={experiment}")
+    overrides = OmegaConf.to_container(cfg.model.model_overrides, resolve=True)
+    with torch.device("meta"):
+        model = toklip.build_toklip(cfg.preset, **overrides)
+    size = cfg.resolution
+    assert model.image_size == size == cfg.data.image_size
+    assert model.visual.trunk.num_tokens == (size // 16) ** 2 if experiment != "tiny" else (size // 8) ** 2
+    OmegaConf.to_container(cfg.trainer, resolve=True)
+
+
+@pytest.mark.parametrize("experiment, size, batch", [("toklip_s_256", 256, 16), ("toklip_l_384", 384, 32)])
+def test_release_recipes_are_encoded_exactly(experiment, size, batch):
+    cfg = composed(f"experiment={experiment}")
+    assert cfg.data.batch_size_per_device == batch and cfg.data.train_num_samples == 10_968_539
+    assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (1e-5, [0.9, 0.95], 1e-6, 0.1, 782)
+    assert (cfg.trainer.max_epochs, cfg.trainer.precision, cfg.seed) == (32, "16-mixed", 0)
+    assert cfg.teacher.model == f"ViT-SO400M-16-SigLIP2-{size}" and cfg.model.model_overrides.tokenizer == "llamagen_vq16"
+    assert (cfg.loss.contrastive, cfg.loss.distill_weight, cfg.loss.token_distill_weight) == ("clip", 1000.0, 0.0)
+    assert cfg.model.lr == 1e-5 and cfg.model.teacher == cfg.teacher.model
+
+
+def test_resolution_alone_moves_a_run():
+    cfg = composed("experiment=toklip_s_256", "resolution=384")
+    assert cfg.data.image_size == cfg.model.model_overrides.image_size == 384
+    assert cfg.teacher.model == "ViT-SO400M-16-SigLIP2-384"
+    with torch.device("meta"):
+        model = toklip.build_toklip(cfg.preset, **OmegaConf.to_container(cfg.model.model_overrides, resolve=True))
+    assert model.visual.trunk.num_tokens == 24 * 24
+
+
+def test_required_keys_are_named_before_anything_is_built():
+    cfg = composed("experiment=toklip_s_256")
+    with pytest.raises(ValueError, match="data.train_urls, tokenizer.checkpoint"):
+        check_required(cfg)
+
+
+def toklip_tool(tool: str, *overrides: str, cwd: Path, multirun: bool = False) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name(tool)
+    args = [str(script), *(["-m"] if multirun else []), *overrides]
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+SMALL_RUN = ("experiment=tiny", "data.synthetic.train_samples=256", "data.synthetic.samples_per_shard=64", "data.synthetic.retrieval_images=20",
+             "data.synthetic.zeroshot_classes=[colour]", "data.synthetic.zeroshot_per_class=2", "trainer.max_steps=2",
+             "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "data.batch_size_per_device=8")  # fmt: skip
+
+
+def test_unknown_option_lists_the_valid_ones(tmp_path):
+    done = toklip_tool("toklip-train", "trainer=gpus", cwd=tmp_path)
+    assert done.returncode != 0 and "Available options" in done.stderr and "ddp_cpu" in done.stderr
+
+
+def test_train_from_the_shell_then_resume_eval_and_encode(tiny_teacher_checkpoint, tmp_path):
+    run = [*SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "run_name=first"]
+    done = toklip_tool("toklip-train", *run, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "train" / "first"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"train/loss", "val/zeroshot/top1", "val/retrieval/t2i_R@1"} <= set(metrics)
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    resumed = toklip_tool("toklip-train", *run, "trainer.max_steps=3", "resume=latest", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+    evaluated = toklip_tool("toklip-eval", *SMALL_RUN, f"checkpoint={run_dir / 'toklip.safetensors'}", "run_name=ev", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    results = json.loads((tmp_path / "runs" / "eval" / "ev" / "eval.json").read_text())["results"]
+    assert set(results) == {"zeroshot/top1", "zeroshot/top5", *(f"retrieval/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))}
+    assert "zeroshot/top1" in evaluated.stdout
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (80, 64), (60 * i, 20, 200)).save(images / f"img{i}.png")
+    encoded = toklip_tool("toklip-encode", *SMALL_RUN, f"checkpoint={run_dir / 'toklip.safetensors'}", f"input={images}", "output=enc", "run_name=en", cwd=tmp_path)
+    assert encoded.returncode == 0, encoded.stderr[-3000:]
+    assert "encoded 3 images" in encoded.stdout
+    records = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "enc" / "000000.tar"), shardshuffle=False).decode()}
+    model = toklip.load_toklip(run_dir / "toklip.safetensors")
+    transform = toklip.data.eval_transform(model.preprocess_cfg)
+    image = transform(Image.open(images / "img1.png")).unsqueeze(0)
+    record = records["img1"]
+    assert record["indices.npy"].shape == (8, 8)
+    assert model.tokenizer.decode(torch.from_numpy(record["indices.npy"])[None]).shape == (1, 3, 64, 64)
+    assert np.allclose(record["tokens.npy"], model.token_features(image)[0].detach().half().numpy(), atol=1e-3)
+    assert np.allclose(record["embedding.npy"], model.encode_image(image, normalize=True)[0].detach().numpy(), atol=1e-5)
+
+
+def test_a_two_job_sweep_writes_one_directory_per_job(tiny_teacher_checkpoint, tmp_path):
+    done = toklip_tool("toklip-train", *SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "run_name=sweep", "optim.lr=1e-4,3e-4", multirun=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = tmp_path / "runs" / "train" / "multirun_sweep"
+    lrs = sorted(OmegaConf.load(sweep / str(job) / ".hydra" / "config.yaml").optim.lr for job in (0, 1))
+    assert lrs == [1e-4, 3e-4]
+    assert all((sweep / str(job) / "metrics.json").is_file() for job in (0, 1))
+
+
+def test_programmatic_train_returns_the_final_metrics(tiny_teacher_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = composed(*SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "trainer.max_steps=1", "logger=csv", output_dir=tmp_path / "run")
+    metrics = toklip.train(cfg)
+    assert metrics["train/loss"] > 0 and "val/zeroshot/top1" not in metrics  # validation comes at step 2
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
