@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-all
+.PHONY: install demo test test-all
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/toklip-demo
 
 test: $(STAMP)
 	$(PY) -m pytest

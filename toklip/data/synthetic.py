@@ -47,7 +47,19 @@ POSITIONS = {  # centre as fractions of the image side, and how a caption says i
     "center": ((0.5, 0.5), "in the middle"),
 }
 ATTRIBUTES = ("size", "colour", "shape")  # the order a noun phrase names them in
-ZEROSHOT_TEMPLATES = ("a photo of a {}.", "a {} on a plain background.", "a picture showing a {}.", "a drawing of a {}.")
+GENERIC_NOUN = "shape"
+GENERIC_NOUN_RATE = 0.2
+# Prompts in the captions' own grammar (as CLIP's ImageNet templates echo web alt-text), one per
+# value of each attribute the classes leave free: those are averaged out of a class embedding.
+def zeroshot_templates(class_attributes: tuple[str, ...]) -> list[str]:
+    templates = ["a {}"]
+    if "size" not in class_attributes:
+        templates += [f"a {size} {{}}" for size in sorted(SIZES)]
+    if "position" not in class_attributes and "background" not in class_attributes:  # positions precede backgrounds
+        templates += [f"a {{}} {phrase}" for _, phrase in POSITIONS.values()]
+    if "background" not in class_attributes:
+        templates += [f"a {{}} on a {background} background" for background in sorted(BACKGROUNDS)]
+    return templates
 _SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges
 
 
@@ -57,9 +69,10 @@ class Shape:
     colour: str
     size: str
     position: str
+    generic: bool = False  # named "shape" rather than by its kind, as people sometimes do
 
     def phrase(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape} {POSITIONS[self.position][1]}"
+        return f"a {self.size} {self.colour} {GENERIC_NOUN if self.generic else self.shape} {POSITIONS[self.position][1]}"
 
 
 @dataclass(frozen=True)
@@ -78,8 +91,10 @@ class Scene:
 
 
 def random_scene(rng: random.Random, max_shapes: int = 3, fixed: dict[str, str] | None = None) -> Scene:
-    """A random scene; `fixed` pins attributes of a single centred-or-anywhere shape (zero-shot sets)."""
-    count = 1 if fixed else rng.randint(1, max_shapes)
+    """A random scene; `fixed` pins attributes (and the background) of a single shape (zero-shot sets)."""
+    fixed = dict(fixed or {})
+    background = fixed.pop("background", None)
+    count = 1 if fixed or background else rng.randint(1, max_shapes)
     positions = rng.sample(sorted(POSITIONS), count)
     shapes = []
     for position in positions:
@@ -88,10 +103,11 @@ def random_scene(rng: random.Random, max_shapes: int = 3, fixed: dict[str, str] 
             "colour": rng.choice(sorted(COLOURS)),
             "size": rng.choice(sorted(SIZES)),
             "position": position,
+            "generic": rng.random() < GENERIC_NOUN_RATE,
         }
-        attrs.update(fixed or {})
+        attrs.update(fixed)
         shapes.append(Shape(**attrs))
-    return Scene(rng.choice(sorted(BACKGROUNDS)), tuple(shapes))
+    return Scene(background or rng.choice(sorted(BACKGROUNDS)), tuple(shapes))
 
 
 def _outline(shape: str, cx: float, cy: float, r: float, turn: float) -> list[tuple[float, float]]:
@@ -154,7 +170,7 @@ class SyntheticConfig:
     train_samples: int = 4096
     samples_per_shard: int = 512
     max_shapes: int = 3
-    zeroshot_classes: tuple[str, ...] = ("colour", "shape")  # attributes whose combinations are the classes
+    zeroshot_classes: tuple[str, ...] = ("colour", "size", "background")  # attributes whose combinations are the classes
     zeroshot_per_class: int = 10
     retrieval_images: int = 200
     captions_per_image: int = 2
@@ -183,7 +199,7 @@ def _paths(root: Path, cfg: SyntheticConfig) -> SyntheticPaths:
 
 def zeroshot_classes(attributes: tuple[str, ...]) -> list[dict[str, str]]:
     """Every combination of the named attributes' values, as {attribute: value} dicts."""
-    values = {"shape": SHAPES, "colour": sorted(COLOURS), "size": sorted(SIZES), "background": sorted(BACKGROUNDS)}
+    values = {"shape": SHAPES, "colour": sorted(COLOURS), "size": sorted(SIZES), "position": list(POSITIONS), "background": sorted(BACKGROUNDS)}
     unknown = set(attributes) - set(values)
     if unknown:
         raise ValueError(f"unknown zero-shot attribute(s) {sorted(unknown)}; choose from {sorted(values)}")
@@ -191,8 +207,13 @@ def zeroshot_classes(attributes: tuple[str, ...]) -> list[dict[str, str]]:
 
 
 def _classname(fixed: dict[str, str]) -> str:
-    words = [fixed[a] for a in ATTRIBUTES if a in fixed]
-    return " ".join(words) + (f" on a {fixed['background']} background" if "background" in fixed else "")
+    """The class's words in the grammar's order; "shape" stands in when the kind is left free."""
+    words = [fixed[a] for a in ("size", "colour") if a in fixed] + [fixed.get("shape", GENERIC_NOUN)]
+    if "position" in fixed:
+        words.append(POSITIONS[fixed["position"]][1])
+    if "background" in fixed:
+        words.append(f"on a {fixed['background']} background")
+    return " ".join(words)
 
 
 def write_train_shards(paths: SyntheticPaths, cfg: SyntheticConfig) -> None:
@@ -223,7 +244,7 @@ def write_zeroshot(paths: SyntheticPaths, cfg: SyntheticConfig) -> None:
             index += 1
             render(random_scene(rng, fixed=fixed), cfg.image_size, rng).save(folder / f"{i:05d}.jpg", quality=95)
     (paths.zeroshot / "classnames.txt").write_text("\n".join(names) + "\n")
-    (paths.zeroshot / "templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")
+    (paths.zeroshot / "templates.txt").write_text("\n".join(zeroshot_templates(cfg.zeroshot_classes)) + "\n")
 
 
 def write_retrieval(paths: SyntheticPaths, cfg: SyntheticConfig) -> None:

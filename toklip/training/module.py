@@ -14,21 +14,20 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, StateDict
-from ..data.eval_sets import EvalSet
-from ..evaluation.metrics import eval_metric
 from ..losses import ClipLoss, DistillLoss, SigLipLoss
 from ..models.factory import build_toklip, export_toklip
 from ..models.presets import preset as preset_spec
 from ..models.teacher import Teacher, find_teacher_weights, init_from_teacher, read_open_clip_state_dict
 from ..models.text import get_text_tokenizer_for
-from .optim import build_adamw, warmup_cosine
+from .optim import adamw_warmup_cosine
+from .validation import EvalSetsValidation
 
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = float(torch.log(torch.tensor(100.0)))  # logit_scale is clamped to [0, ln 100]
 
 
-class TokLIPModule(L.LightningModule):
+class TokLIPModule(EvalSetsValidation, L.LightningModule):
     """A TokLIP model, its frozen teacher, the losses, the optimiser and the validation metrics.
 
     The student is built from `preset` (+ `model_overrides`) and initialised from the teacher's
@@ -151,12 +150,11 @@ class TokLIPModule(L.LightningModule):
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
-        optimizer = build_adamw(named, hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.no_decay_rule)
-        total = hp.total_steps or int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(hp.warmup_steps, total - 1), total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.model.named_parameters())
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.model
 
     def _scalar_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.model.logit_scale, self.model.logit_bias) if p is not None]
@@ -184,29 +182,6 @@ class TokLIPModule(L.LightningModule):
         for param in self._scalar_parameters():
             if param.grad is not None:
                 torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.AVG)
-
-    # ---- validation -------------------------------------------------------------------------------
-
-    def _eval_sets(self) -> dict[str, EvalSet]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        return dict(getattr(datamodule, "eval_sets", {}) or {})
-
-    def on_validation_start(self) -> None:
-        """Class embeddings and caption embeddings once per run: the text tower never changes."""
-        for name, dataset in self._eval_sets().items():
-            if name not in self.eval_metrics:
-                self.eval_metrics[name] = eval_metric(self.model, self.text_tokenizer, dataset, self.device)
-
-    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        name = list(self._eval_sets())[dataloader_idx]
-        images, targets = batch
-        self.eval_metrics[name].update(self.model.encode_image(images, normalize=True), targets)
-
-    def on_validation_epoch_end(self) -> None:
-        for name in self._eval_sets():
-            metric = self.eval_metrics[name]
-            self.log_dict({f"val/{name}/{key}": value for key, value in metric.compute().items()}, add_dataloader_idx=False)
-            metric.reset()
 
     # ---- checkpoints and export -------------------------------------------------------------------
 
@@ -245,5 +220,8 @@ class TokLIPModule(L.LightningModule):
 
     def export(self, out: str | os.PathLike) -> Path:
         """The self-contained model (VQ and text tower included) as safetensors, for `load_toklip`.
-        Unsharded models only; a sharded run exports through the `ExportModel` callback."""
-        return export_toklip(self.full_model_state_dict(), self.preset_name, out, self.model_overrides)
+        Collective when sharded (call it on every rank); rank 0 writes."""
+        state = self.full_model_state_dict()
+        if self._trainer is None or self.trainer.is_global_zero:
+            export_toklip(state, self.preset_name, out, self.model_overrides)
+        return Path(out)

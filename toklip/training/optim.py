@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,3 +61,13 @@ def build_adamw(
     rule: str = "release",
 ) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(named, weight_decay, rule), lr=lr, betas=tuple(betas), eps=eps)
+
+
+def adamw_warmup_cosine(module: Any, named: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Any]:
+    """`configure_optimizers` of a LightningModule whose hparams hold lr, betas, eps, weight_decay,
+    no_decay_rule, warmup_steps and total_steps (None: the Trainer's estimate)."""
+    hp = module.hparams
+    optimizer = build_adamw(named, hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.no_decay_rule)
+    total = hp.total_steps or int(module.trainer.estimated_stepping_batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(hp.warmup_steps, total - 1), total))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,40 @@
+"""A reduced miniature (few steps, few samples) runs end to end: three stages, evaluation, report."""
+
+import json
+
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+import toklip
+from toklip.cli import CONFIG_DIR
+from toklip.miniature import run_demo
+from toklip.models.teacher import Teacher, read_open_clip_state_dict
+
+REDUCED = [
+    "trainer.max_steps=2", "trainer.enable_progress_bar=false", "data.batch_size_per_device=8",
+    "data.synthetic.train_samples=128", "data.synthetic.samples_per_shard=64", "data.synthetic.zeroshot_per_class=1",
+    "data.synthetic.retrieval_images=16", "optim.warmup_steps=1",
+]  # fmt: skip
+
+
+def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("demo", overrides=[f"stage_overrides=[{','.join(REDUCED)}]", "report_images=4"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "demo")
+        summary = run_demo(cfg)
+    out = tmp_path / "demo"
+    teacher = Teacher("tiny_teacher_64", read_open_clip_state_dict(out / "teacher" / "teacher.safetensors"))
+    tokenizer = toklip.build_tokenizer("llamagen_tiny", checkpoint=out / "vq" / "tokenizer.safetensors")
+    model = toklip.load_toklip(out / "toklip" / "toklip.safetensors")
+    # TokLIP's frozen text tower is the teacher's, and its tokenizer is stage 2's.
+    assert all(model.tokenizer.state_dict()[k].equal(v) for k, v in tokenizer.state_dict().items())
+    assert teacher.image_size == (64, 64)
+    report = (out / "report.md").read_text()
+    assert "| teacher zero-shot top-1 |" in report and "VQ tokenizer: PSNR" in report
+    assert all((out / name).is_file() for name in ("loss_curves.png", "scores.png", "reconstructions.png"))
+    results = json.loads((out / "results.json").read_text())
+    assert results["classes"] == 42 and set(results["teacher"]) == set(results["toklip"])
+    assert 0 < results["vq"]["codebook_usage"] <= 1 and results["vq"]["psnr"] > 0
+    assert summary["seconds"]["total"] > 0

@@ -1,0 +1,111 @@
+"""The miniature's stages, each a plain toklip-train experiment, then one evaluation of all three."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.eval_sets import EvalSet, build_eval_set
+from ..data.transforms import eval_transform, preprocess_config
+from ..evaluation import evaluate
+from ..models.factory import load_toklip
+from ..models.teacher import build_open_clip, open_clip_config, read_open_clip_state_dict
+from ..models.text import get_text_tokenizer_for
+from ..checkpoints import load_state_dict_strict
+from ..tokenizers import VQTokenizer, build_tokenizer
+from ..training.vq import codebook_perplexity, psnr
+from .report import write_report
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = {"teacher": "teacher.safetensors", "vq": "tokenizer.safetensors", "toklip": "toklip.safetensors"}
+
+
+def stage_config(experiment: str, output_dir: Path, overrides: Sequence[str]) -> DictConfig:
+    """The toklip-train configuration of one stage, written to its own directory."""
+    return compose(config_name="train", overrides=[f"experiment={experiment}", f"paths.output_dir={output_dir}", *overrides])
+
+
+def run_stages(cfg: DictConfig, out: Path) -> tuple[dict[str, dict[str, float]], dict[str, float], DictConfig]:
+    from ..cli.train import train  # the same function toklip-train runs
+
+    common = list(cfg.stage_overrides)
+    inputs = {
+        "teacher": [],
+        "vq": [],
+        "toklip": [f"teacher.checkpoint={out / 'teacher' / ARTIFACTS['teacher']}", f"tokenizer.checkpoint={out / 'vq' / ARTIFACTS['vq']}"],
+    }
+    metrics, seconds = {}, {}
+    for role, experiment in cfg.stages.items():
+        stage_cfg = stage_config(experiment, out / role, [*inputs[role], *common])
+        (out / role).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(stage_cfg, out / role / "config.yaml")
+        print(f"\n=== stage {role}: toklip-train experiment={experiment} ===", flush=True)
+        start = time.perf_counter()
+        metrics[role] = train(stage_cfg)
+        seconds[role] = time.perf_counter() - start
+    return metrics, seconds, stage_cfg
+
+
+def held_out_sets(stage_cfg: DictConfig) -> dict[str, EvalSet]:
+    transform = eval_transform(preprocess_config(stage_cfg.resolution))
+    return {name: build_eval_set(spec, transform) for name, spec in OmegaConf.to_container(stage_cfg.eval.sets, resolve=True).items()}
+
+
+@torch.no_grad()
+def reconstruction_scores(tokenizer: VQTokenizer, eval_sets: dict[str, EvalSet], batch_size: int = 64) -> dict[str, Any]:
+    """PSNR of decode(encode(image)) over every held-out image, codebook usage and perplexity."""
+    scores, indices, first = [], [], None
+    for dataset in eval_sets.values():
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        for batch in images.split(batch_size):
+            codes = tokenizer.encode(batch).indices
+            reconstruction = tokenizer.decode(codes)
+            scores.append(psnr(reconstruction, batch) * len(batch))
+            indices.append(codes.flatten())
+            first = (batch, reconstruction) if first is None else first
+    used = torch.cat(indices)
+    return {
+        "psnr": float(sum(scores) / sum(len(d) for d in eval_sets.values())),
+        "codebook_usage": torch.unique(used).numel() / tokenizer.codebook_size,
+        "codebook_perplexity": codebook_perplexity(used, tokenizer.codebook_size),
+        "examples": first,
+    }
+
+
+def evaluate_all(out: Path, stage_cfg: DictConfig) -> dict[str, Any]:
+    eval_sets = held_out_sets(stage_cfg)
+    teacher_name = stage_cfg.teacher.model
+    tokenizer = get_text_tokenizer_for(open_clip_config(teacher_name)["text_cfg"])
+    teacher = build_open_clip(teacher_name)
+    load_state_dict_strict(teacher, read_open_clip_state_dict(out / "teacher" / ARTIFACTS["teacher"]), where="teacher")
+    vq = build_tokenizer(stage_cfg.tokenizer.name, checkpoint=out / "vq" / ARTIFACTS["vq"])
+    return {
+        "classes": len(next(d for d in eval_sets.values() if hasattr(d, "classnames")).classnames),
+        "teacher": evaluate(teacher, eval_sets, tokenizer, num_workers=0),
+        "toklip": evaluate(load_toklip(out / "toklip" / ARTIFACTS["toklip"]), eval_sets, tokenizer, num_workers=0),
+        "vq": reconstruction_scores(vq, eval_sets),
+    }
+
+
+def run_demo(cfg: DictConfig) -> dict[str, Any]:
+    """Stage 1 teacher, stage 2 VQ tokenizer, stage 3 TokLIP, then evaluation and report.md."""
+    out = Path(cfg.paths.output_dir)
+    start = time.perf_counter()
+    metrics, seconds, last_cfg = run_stages(cfg, out)
+    print("\n=== evaluation on the held-out synthetic sets ===", flush=True)
+    results = evaluate_all(out, last_cfg)
+    seconds["total"] = time.perf_counter() - start
+    report = write_report(out, results, seconds, cfg.report_images)
+    summary = {k: v for k, v in results.items() if k != "vq"} | {"vq": {k: v for k, v in results["vq"].items() if k != "examples"}, "seconds": seconds}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(report.read_text().split("## Plots")[0])
+    return summary

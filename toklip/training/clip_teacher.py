@@ -1,0 +1,78 @@
+"""CLIPTrainingModule: trains a small open_clip CLIP from scratch, to serve as a TokLIP teacher.
+
+The miniature has no pretrained SigLIP2 to distil from, so it trains its own teacher on the same
+shards; the exported weights are both the teacher and the source of TokLIP's frozen text tower.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..checkpoints import save_safetensors
+from ..losses import ClipLoss
+from ..models.teacher import build_open_clip, open_clip_config
+from ..models.text import get_text_tokenizer_for
+from .optim import adamw_warmup_cosine
+from .validation import EvalSetsValidation
+
+MAX_LOGIT_SCALE = float(torch.log(torch.tensor(100.0)))
+
+
+class CLIPTrainingModule(EvalSetsValidation, L.LightningModule):
+    """An open_clip model (`model`: a name open_clip or toklip knows) trained with the softmax CLIP loss."""
+
+    def __init__(
+        self,
+        model: str = "tiny_teacher_64",
+        *,
+        lr: float = 1e-3,
+        betas: Sequence[float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        weight_decay: float = 0.1,
+        no_decay_rule: str = "release",
+        warmup_steps: int = 100,
+        total_steps: int | None = None,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.clip = build_open_clip(model)
+        self.contrastive = ClipLoss(local_loss, gather_with_grad)
+        self.text_tokenizer = get_text_tokenizer_for(open_clip_config(model)["text_cfg"])
+        self.eval_metrics = nn.ModuleDict()
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.clip
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        image = self.clip.encode_image(batch["image"], normalize=True)
+        text = self.clip.encode_text(batch["text"], normalize=True)
+        loss = self.contrastive(image, text, self.clip.logit_scale.exp())
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/logit_scale", self.clip.logit_scale.detach().exp(), batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_warmup_cosine(self, self.clip.named_parameters())
+
+    def export(self, out: str | os.PathLike) -> Path:
+        """open_clip weights as safetensors: what `TokLIPModule(teacher_checkpoint=...)` reads."""
+        if self._trainer is None or self.trainer.is_global_zero:
+            save_safetensors({k: v.detach().cpu() for k, v in self.clip.state_dict().items()}, out, metadata={"open_clip_model": self.hparams.model})
+        return Path(out)

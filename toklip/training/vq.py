@@ -1,0 +1,134 @@
+"""VQTrainingModule: trains a LlamaGen-family VQ tokenizer (reconstruction + codebook + commitment).
+
+toklip's tokenizers are frozen by design; this module unfreezes one to train it and exports weights
+that `toklip.build_tokenizer(name, checkpoint=...)` loads. Codes are searched as in `encode` (unit
+norm for LlamaGen), the decoder reads them through a straight-through estimator, and codes unused
+for `restart_every` steps are re-seeded from the current batch's latents (dead-code restart).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from ..checkpoints import save_safetensors
+from ..tokenizers import build_tokenizer
+from ..tokenizers.base import nearest_code
+from .optim import adamw_warmup_cosine
+
+
+def psnr(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), computed per image then averaged."""
+    mse = (reconstruction.clamp(-1, 1) - images).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
+
+
+class VQTrainingModule(L.LightningModule):
+    def __init__(
+        self,
+        tokenizer: str = "llamagen_tiny",
+        *,
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        restart_every: int = 50,
+        lr: float = 1e-3,
+        betas: Sequence[float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        no_decay_rule: str = "release",
+        warmup_steps: int = 20,
+        total_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.vq = build_tokenizer(tokenizer).requires_grad_(True)
+        if hasattr(self.vq.quantize, "codebook_used"):
+            self.vq.quantize.codebook_used.requires_grad_(False)
+        self.register_buffer("last_used", torch.zeros(self.vq.codebook_size, dtype=torch.long), persistent=False)
+        self._step_codes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._val_codes: list[torch.Tensor] = []
+        self._val_psnr: list[torch.Tensor] = []
+
+    def quantize(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.vq.latents(images).permute(0, 2, 3, 1)
+        if self.vq.l2_normalized:
+            z = F.normalize(z, dim=-1)
+        codebook = self.vq.codebook()
+        indices = nearest_code(z.reshape(-1, self.vq.code_dim).detach(), codebook.detach()).view(z.shape[:-1])
+        z_q = codebook[indices]
+        codes = z + (z_q - z).detach()  # straight through: the decoder's gradient reaches the encoder
+        reconstruction = self.vq.decode_latents(codes.permute(0, 3, 1, 2).contiguous())
+        return {
+            "reconstruction": reconstruction,
+            "indices": indices,
+            "latents": z.detach(),
+            "codebook": F.mse_loss(z_q, z.detach()),
+            "commitment": F.mse_loss(z, z_q.detach()),
+        }
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        out = self.quantize(images)
+        losses = {
+            "reconstruction": F.l1_loss(out["reconstruction"], images) + F.mse_loss(out["reconstruction"], images),
+            "codebook": self.hparams.codebook_weight * out["codebook"],
+            "commitment": self.hparams.commitment_weight * out["commitment"],
+        }
+        total = sum(losses.values())
+        size = images.shape[0]
+        self.log_dict({f"train/loss_{k}": v.detach() for k, v in losses.items()}, batch_size=size)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=size)
+        self.log("train/psnr", psnr(out["reconstruction"].detach(), images), prog_bar=True, batch_size=size)
+        used = torch.unique(out["indices"])
+        self.log("train/codebook_usage", used.numel() / self.vq.codebook_size, batch_size=size)
+        self._step_codes = (used, out["latents"])
+        return total
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After the optimizer step (the codebook must not change under autograd's feet)."""
+        used, latents = self._step_codes
+        self.last_used[used] = self.global_step
+        dead = torch.nonzero(self.global_step - self.last_used > self.hparams.restart_every).flatten()
+        if dead.numel() == 0:
+            return
+        pool = latents.reshape(-1, latents.shape[-1])
+        picks = pool[torch.randint(pool.shape[0], (dead.numel(),), device=pool.device)]
+        self.vq.quantize.embedding.weight[dead] = picks + 0.01 * torch.randn_like(picks)
+        self.last_used[dead] = self.global_step
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images = batch[0]
+        out = self.quantize(images)
+        self._val_psnr.append(psnr(out["reconstruction"], images).expand(images.shape[0]))
+        self._val_codes.append(out["indices"].flatten())
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_psnr:
+            self.log("val/psnr", torch.cat(self._val_psnr).mean(), sync_dist=True)
+            self.log("val/codebook_usage", torch.unique(torch.cat(self._val_codes)).numel() / self.vq.codebook_size, sync_dist=True)
+        self._val_psnr, self._val_codes = [], []
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_warmup_cosine(self, self.vq.named_parameters())
+
+    def export(self, out: str | os.PathLike) -> Path:
+        """The tokenizer's weights: `toklip.build_tokenizer(name, checkpoint=out)` loads them."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.vq.state_dict().items()}
+        if self._trainer is None or self.trainer.is_global_zero:
+            save_safetensors(state, out, metadata={"tokenizer": self.hparams.tokenizer})
+        return Path(out)
+
+
+def codebook_perplexity(indices: torch.Tensor, codebook_size: int) -> float:
+    """exp(entropy) of code frequencies: the effective number of codes in use."""
+    counts = torch.bincount(indices.flatten(), minlength=codebook_size).float()
+    p = counts[counts > 0] / counts.sum()
+    return math.exp(float(-(p * p.log()).sum()))
