@@ -20,7 +20,8 @@ REDUCED = [
 def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("demo", overrides=[f"stage_overrides=[{','.join(REDUCED)}]", "report_images=4"])
+        stage_overrides = ",".join(f"'{o}'" for o in REDUCED)
+        cfg = compose("demo", overrides=[f"stage_overrides=[{stage_overrides}]", "report_images=4"])
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / "demo")
         summary = run_demo(cfg)

@@ -12,11 +12,22 @@ term relatively `world` times stronger than its formula says; `match_single_proc
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
+
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's bound: logit_scale is clamped to [0, ln 100]
+
+
+@torch.no_grad()
+def clamp_logit_scale_(logit_scale: torch.Tensor) -> None:
+    """In place, after every optimizer step (the release's rule)."""
+    logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
 def _world() -> tuple[int, int]:

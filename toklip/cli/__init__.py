@@ -21,5 +21,14 @@ def run_id() -> str:
     return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def resolve_device(name: str) -> str:
+    """`auto`: the GPU when there is one."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 if not OmegaConf.has_resolver("toklip_run_id"):
     OmegaConf.register_new_resolver("toklip_run_id", run_id, use_cache=True)

@@ -11,15 +11,14 @@ import torch
 from omegaconf import DictConfig
 
 from ..encoding import encode_images
-from . import CONFIG_DIR
+from . import CONFIG_DIR, resolve_device
 from .evaluate import load_model
 
 
 def encode_from_config(cfg: DictConfig) -> dict[str, int]:
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     return encode_images(
         load_model(cfg), cfg.input, cfg.output, format=cfg.format, features=list(cfg.features), batch_size=cfg.batch_size,
-        samples_per_file=cfg.samples_per_file, tokens_dtype=getattr(torch, cfg.tokens_dtype), device=device,
+        samples_per_file=cfg.samples_per_file, tokens_dtype=getattr(torch, cfg.tokens_dtype), device=resolve_device(cfg.device),
     )  # fmt: skip
 
 

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoints import read_checkpoint
@@ -25,7 +24,7 @@ from ..evaluation import evaluate
 from ..models.factory import build_toklip, load_toklip
 from ..models.text import get_text_tokenizer_for
 from ..models.toklip import TokLIP
-from . import CONFIG_DIR
+from . import CONFIG_DIR, resolve_device
 from .train import prepare_synthetic_data, print_metrics
 
 
@@ -55,7 +54,7 @@ def evaluate_from_config(cfg: DictConfig) -> dict[str, float]:
     model = load_model(cfg)
     transform = eval_transform(model.preprocess_cfg)
     eval_sets = {name: build_eval_set(spec, transform) for name, spec in sets_cfg.items()}
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     tokenizer = get_text_tokenizer_for(model.text_spec, cfg.text.tokenizer_path)
     results = evaluate(model, eval_sets, tokenizer, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
     out = Path(cfg.out)

@@ -15,8 +15,7 @@ from . import CONFIG_DIR
 def make_synthetic_from_config(cfg: DictConfig) -> SyntheticPaths:
     options = OmegaConf.to_container(cfg, resolve=True)
     out, overwrite = options.pop("out"), options.pop("overwrite")
-    options["zeroshot_classes"] = tuple(options["zeroshot_classes"])
-    return make_synthetic(out, SyntheticConfig(**options), overwrite=overwrite)
+    return make_synthetic(out, SyntheticConfig.from_options(options), overwrite=overwrite)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="make_synthetic")

@@ -53,8 +53,7 @@ def prepare_synthetic_data(cfg: DictConfig) -> None:
     if synthetic is not None:
         options = OmegaConf.to_container(synthetic, resolve=True)
         root = options.pop("root")
-        options["zeroshot_classes"] = tuple(options["zeroshot_classes"])
-        make_synthetic(root, SyntheticConfig(**options))
+        make_synthetic(root, SyntheticConfig.from_options(options))
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:

@@ -175,6 +175,11 @@ class SyntheticConfig:
     retrieval_images: int = 200
     captions_per_image: int = 2
 
+    @classmethod
+    def from_options(cls, options: dict) -> SyntheticConfig:
+        """From plain config values (lists where the dataclass keeps tuples)."""
+        return cls(**{**options, "zeroshot_classes": tuple(options.get("zeroshot_classes", cls.zeroshot_classes))})
+
 
 @dataclass(frozen=True)
 class SyntheticPaths:

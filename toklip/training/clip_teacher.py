@@ -16,13 +16,11 @@ import torch
 from torch import nn
 
 from ..checkpoints import save_safetensors
-from ..losses import ClipLoss
+from ..losses import ClipLoss, clamp_logit_scale_
 from ..models.teacher import build_open_clip, open_clip_config
 from ..models.text import get_text_tokenizer_for
 from .optim import adamw_warmup_cosine
 from .validation import EvalSetsValidation
-
-MAX_LOGIT_SCALE = float(torch.log(torch.tensor(100.0)))
 
 
 class CLIPTrainingModule(EvalSetsValidation, L.LightningModule):
@@ -65,8 +63,7 @@ class CLIPTrainingModule(EvalSetsValidation, L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        with torch.no_grad():
-            self.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        clamp_logit_scale_(self.clip.logit_scale)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_warmup_cosine(self, self.clip.named_parameters())

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, StateDict
-from ..losses import ClipLoss, DistillLoss, SigLipLoss
+from ..losses import ClipLoss, DistillLoss, SigLipLoss, clamp_logit_scale_
 from ..models.factory import build_toklip, export_toklip
 from ..models.presets import preset as preset_spec
 from ..models.teacher import Teacher, find_teacher_weights, init_from_teacher, read_open_clip_state_dict
@@ -23,8 +23,6 @@ from .optim import adamw_warmup_cosine
 from .validation import EvalSetsValidation
 
 log = logging.getLogger(__name__)
-
-MAX_LOGIT_SCALE = float(torch.log(torch.tensor(100.0)))  # logit_scale is clamped to [0, ln 100]
 
 
 class TokLIPModule(EvalSetsValidation, L.LightningModule):
@@ -146,8 +144,7 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        with torch.no_grad():  # the release clamps after every optimizer step
-            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        clamp_logit_scale_(self.model.logit_scale)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_warmup_cosine(self, self.model.named_parameters())
