@@ -16,11 +16,9 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
 from tqdm.auto import tqdm
 from webdataset.tariterators import tarfile_samples
 

@@ -87,19 +87,14 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
         if compile_blocks:
             for block in self.model.visual.trunk.blocks:
                 block.compile()
-        self.text_tokenizer = get_text_tokenizer_for(self.model_text, text_tokenizer_path)
+        self.text_tokenizer = get_text_tokenizer_for(self.model.text_spec, text_tokenizer_path)
         self.eval_metrics = nn.ModuleDict()
         self._step_started = 0.0
-
-    @property
-    def model_text(self) -> str:
-        return self.model_overrides.get("text", preset_spec(self.preset_name).text)
 
     def _build_teacher(self, checkpoint: str | None) -> Teacher:
         weights = find_teacher_weights(self.teacher_name, checkpoint, source="teacher_checkpoint")
         state = read_open_clip_state_dict(weights, source="teacher_checkpoint")
-        report = init_from_teacher(self.model, state)
-        log.info("student initialised from %s: %s", weights, report)
+        init_from_teacher(self.model, state)  # logs what it copied
         return Teacher(self.teacher_name, state, where=str(weights))
 
     # ---- training ---------------------------------------------------------------------------------
