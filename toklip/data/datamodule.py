@@ -178,17 +178,20 @@ class TokLIPDataModule(L.LightningDataModule):
     def _record(self, stream: torch.Tensor) -> None:
         epoch = self._current_epoch()
         if epoch != self._seen_epoch:  # a new epoch: fold the last one's counters into the past
-            self._past_counts += sum(self._worker_counts.values(), torch.zeros_like(self._past_counts))
+            self._past_counts += self._epoch_counts()
             self._positions, self._worker_counts, self._seen_epoch = {}, {}, epoch
         worker, position, batches = stream[:STREAM_HEAD].tolist()
         self._positions[worker] = (position, batches)
         self._worker_counts[worker] = stream[STREAM_HEAD:].clone()
         self._check_skip_fraction()
 
+    def _epoch_counts(self) -> torch.Tensor:
+        """This epoch's counters on this rank, summed over its workers (COUNTERS order)."""
+        return sum(self._worker_counts.values(), torch.zeros_like(self._past_counts))
+
     def skip_counts(self) -> dict[str, int]:
         """Cumulative counts on this rank: skipped samples by reason, and bad shards."""
-        total = self._past_counts + sum(self._worker_counts.values(), torch.zeros_like(self._past_counts))
-        return dict(zip(COUNTERS, total.tolist()))
+        return dict(zip(COUNTERS, (self._past_counts + self._epoch_counts()).tolist()))
 
     def data_metrics(self) -> dict[str, float]:
         """`data/skipped_<reason>` and `data/bad_shards`, for a LightningModule to log."""
@@ -198,7 +201,7 @@ class TokLIPDataModule(L.LightningDataModule):
         return metrics
 
     def _check_skip_fraction(self) -> None:
-        this_epoch = dict(zip(COUNTERS, sum(self._worker_counts.values(), torch.zeros_like(self._past_counts)).tolist()))
+        this_epoch = dict(zip(COUNTERS, self._epoch_counts().tolist()))
         skipped = sum(this_epoch[r] for r in SKIP_REASONS)
         seen = sum(position for position, _ in self._positions.values())  # raw samples read, skips included
         if seen >= self.min_samples_for_skip_check and skipped / max(seen, 1) > self.max_skip_fraction:
