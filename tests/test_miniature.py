@@ -26,12 +26,12 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
             cfg.paths.output_dir = str(tmp_path / "demo")
         summary = run_demo(cfg)
     out = tmp_path / "demo"
-    teacher = Teacher("tiny_teacher_64", read_open_clip_state_dict(out / "teacher" / "teacher.safetensors"))
-    tokenizer = toklip.build_tokenizer("llamagen_tiny", checkpoint=out / "vq" / "tokenizer.safetensors")
+    teacher = Teacher("tiny_teacher_32", read_open_clip_state_dict(out / "teacher" / "teacher.safetensors"))
+    tokenizer = toklip.build_tokenizer("llamagen_tiny_f4", checkpoint=out / "vq" / "tokenizer.safetensors")
     model = toklip.load_toklip(out / "toklip" / "toklip.safetensors")
     # TokLIP's frozen text tower is the teacher's, and its tokenizer is stage 2's.
     assert all(model.tokenizer.state_dict()[k].equal(v) for k, v in tokenizer.state_dict().items())
-    assert teacher.image_size == (64, 64)
+    assert teacher.image_size == (32, 32) and model.tokenizer.downsample == 4
     report = (out / "report.md").read_text()
     assert "| teacher zero-shot top-1 |" in report and "VQ tokenizer: PSNR" in report
     assert all((out / name).is_file() for name in ("loss_curves.png", "scores.png", "reconstructions.png"))

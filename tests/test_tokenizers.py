@@ -31,6 +31,7 @@ def test_llamagen_vq16_layout_is_the_release_layout():
         ("llamagen_vq16", 16, 16384, 8),
         ("llamagen_vq8", 8, 16384, 8),
         ("llamagen_tiny", 8, 1024, 8),
+        ("llamagen_tiny_f4", 4, 1024, 8),
         ("taming_f16_16384", 16, 16384, 256),
         ("taming_f16_1024", 16, 1024, 256),
         ("taming_f8_16384", 8, 16384, 4),
@@ -54,12 +55,20 @@ def test_vq16_grids_and_real_encode_at_256():
     assert encoding.codes.shape == (1, 16, 16, 8)
 
 
-@pytest.mark.parametrize("name", ["llamagen_tiny", "taming_tiny"])
+def test_norm_groups_is_the_group_count_of_every_group_norm():
+    tokenizer = toklip.build_tokenizer("llamagen_tiny_f4")
+    norms = [m for m in tokenizer.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.num_groups for m in norms} == {4}
+    assert {m.num_groups for m in toklip.build_tokenizer("llamagen_tiny").modules() if isinstance(m, torch.nn.GroupNorm)} == {32}
+
+
+@pytest.mark.parametrize("name", ["llamagen_tiny", "llamagen_tiny_f4", "taming_tiny"])
 def test_encode_lookup_decode(name, images):
     tokenizer = toklip.build_tokenizer(name)
     encoding = tokenizer.encode(images)
-    assert encoding.indices.shape == (2, 8, 8)
-    assert encoding.codes.shape == (2, 8, 8, tokenizer.code_dim)
+    side = 64 // tokenizer.downsample
+    assert encoding.indices.shape == (2, side, side)
+    assert encoding.codes.shape == (2, side, side, tokenizer.code_dim)
     assert int(encoding.indices.min()) >= 0 and int(encoding.indices.max()) < tokenizer.codebook_size
     # lookup gives the same vectors from indices alone (the straight-through form rounds once)
     torch.testing.assert_close(tokenizer.lookup(encoding.indices), encoding.codes, rtol=0, atol=1e-6)

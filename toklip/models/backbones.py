@@ -37,18 +37,29 @@ def backbone_spec(name: str) -> BackboneSpec:
         raise KeyError(f"unknown backbone {name!r}; available: {', '.join(sorted(BACKBONES))}") from None
 
 
-@register_model
-def vit_tiny_patch8_siglip_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def _tiny_vit(name: str, img_size: int, patch_size: int, pretrained: bool, kwargs: dict) -> VisionTransformer:
     """The `tiny` backbone as a patch-embedding ViT: the vision tower of small open_clip teachers.
 
     Its `visual.trunk.*` keys are those of a `tiny` token encoder, so a student copies its blocks.
     """
     if pretrained:
-        raise ValueError("vit_tiny_patch8_siglip_64 has no pretrained weights; train one (see the miniature)")
+        raise ValueError(f"{name} has no pretrained weights; train one (see the miniature)")
     spec = BACKBONES["tiny"]
     args = dict(
-        img_size=64, patch_size=8, embed_dim=spec.width, depth=spec.depth, num_heads=spec.heads,
+        img_size=img_size, patch_size=patch_size, embed_dim=spec.width, depth=spec.depth, num_heads=spec.heads,
         mlp_ratio=spec.mlp_ratio, class_token=False, global_pool="map", act_layer="gelu_tanh",
     )
     kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
     return VisionTransformer(**{**args, **kwargs})
+
+
+@register_model
+def vit_tiny_patch8_siglip_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """8x8 patches at 64 px: the grid of `llamagen_tiny` (downsample 8)."""
+    return _tiny_vit("vit_tiny_patch8_siglip_64", 64, 8, pretrained, kwargs)
+
+
+@register_model
+def vit_tiny_patch4_siglip_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """8x8 patches at 32 px: the grid of `llamagen_tiny_f4` (downsample 4); the CPU miniature's teacher."""
+    return _tiny_vit("vit_tiny_patch4_siglip_32", 32, 4, pretrained, kwargs)

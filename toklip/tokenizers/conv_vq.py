@@ -27,6 +27,7 @@ class ConvVQConfig:
     channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     encoder_res_blocks: int = 2  # the decoder uses one more per level
     z_channels: int = 256
+    norm_groups: int = 32  # GroupNorm's groups; the released families all use 32
 
     @property
     def downsample(self) -> int:
@@ -36,11 +37,11 @@ class ConvVQConfig:
 class _Stage(nn.Module):
     """One resolution level: residual blocks, attention after each (lowest level only), a resampler."""
 
-    def __init__(self, blocks: list[ResnetBlock], with_attention: bool) -> None:
+    def __init__(self, blocks: list[ResnetBlock], with_attention: bool, groups: int) -> None:
         super().__init__()
         self.res = nn.ModuleList(blocks)
         channels = blocks[-1].conv2.out_channels
-        self.attn = nn.ModuleList(AttnBlock(channels) for _ in blocks) if with_attention else nn.ModuleList()
+        self.attn = nn.ModuleList(AttnBlock(channels, groups) for _ in blocks) if with_attention else nn.ModuleList()
 
     def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.res):
@@ -50,27 +51,27 @@ class _Stage(nn.Module):
         return h
 
 
-def _middle(channels: int) -> nn.ModuleList:
-    return nn.ModuleList([ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)])
+def _middle(channels: int, groups: int) -> nn.ModuleList:
+    return nn.ModuleList([ResnetBlock(channels, channels, groups), AttnBlock(channels, groups), ResnetBlock(channels, channels, groups)])
 
 
 class Encoder(nn.Module):
     def __init__(self, config: ConvVQConfig) -> None:
         super().__init__()
-        ch, mult = config.base_channels, config.channel_mult
+        ch, mult, groups = config.base_channels, config.channel_mult, config.norm_groups
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList()
         block_in = ch
         for level, m in enumerate(mult):
             block_out = ch * m
-            blocks = [ResnetBlock(block_in if i == 0 else block_out, block_out) for i in range(config.encoder_res_blocks)]
-            stage = _Stage(blocks, with_attention=level == len(mult) - 1)
+            blocks = [ResnetBlock(block_in if i == 0 else block_out, block_out, groups) for i in range(config.encoder_res_blocks)]
+            stage = _Stage(blocks, with_attention=level == len(mult) - 1, groups=groups)
             if level != len(mult) - 1:
                 stage.downsample = Downsample(block_out)
             self.conv_blocks.append(stage)
             block_in = block_out
-        self.mid = _middle(block_in)
-        self.norm_out = group_norm(block_in)
+        self.mid = _middle(block_in, groups)
+        self.norm_out = group_norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, config.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,20 +90,20 @@ class Decoder(nn.Module):
 
     def __init__(self, config: ConvVQConfig) -> None:
         super().__init__()
-        ch, mult = config.base_channels, config.channel_mult
+        ch, mult, groups = config.base_channels, config.channel_mult, config.norm_groups
         block_in = ch * mult[-1]
         self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = _middle(block_in)
+        self.mid = _middle(block_in, groups)
         self.conv_blocks = nn.ModuleList()
         for position, level in enumerate(reversed(range(len(mult)))):
             block_out = ch * mult[level]
-            blocks = [ResnetBlock(block_in if i == 0 else block_out, block_out) for i in range(config.encoder_res_blocks + 1)]
-            stage = _Stage(blocks, with_attention=position == 0)
+            blocks = [ResnetBlock(block_in if i == 0 else block_out, block_out, groups) for i in range(config.encoder_res_blocks + 1)]
+            stage = _Stage(blocks, with_attention=position == 0, groups=groups)
             if level != 0:
                 stage.upsample = Upsample(block_out)
             self.conv_blocks.append(stage)
             block_in = block_out
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

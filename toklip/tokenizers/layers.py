@@ -1,6 +1,6 @@
 """Convolutional building blocks shared by the LlamaGen and taming VQ families.
 
-Both families use the same maths (GroupNorm(32, eps 1e-6), swish, single-head spatial attention,
+Both families use the same maths (GroupNorm(32, eps 1e-6; fewer groups only for narrow miniatures), swish, single-head spatial attention,
 right/bottom-padded stride-2 downsampling, nearest upsampling); only the containers that hold these
 blocks, and so the state-dict key names, differ.
 """
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -23,11 +23,11 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 class ResnetBlock(nn.Module):
     """norm-swish-conv twice, with a 1x1 `nin_shortcut` when the channel count changes."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
@@ -41,9 +41,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all spatial positions, with 1x1-conv projections."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
