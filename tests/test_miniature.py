@@ -39,3 +39,5 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     assert results["classes"] == 42 and set(results["teacher"]) == set(results["toklip"])
     assert 0 < results["vq"]["codebook_usage"] <= 1 and results["vq"]["psnr"] > 0
     assert summary["seconds"]["total"] > 0
+    stage3 = json.loads((out / "toklip" / "metrics.json").read_text())
+    assert 0 < stage3["train/input_alignment_r2"] <= 1  # demo_toklip warm-starts the token embedding

@@ -17,9 +17,11 @@ for _name, _config in {
     "llamagen_tiny": ConvVQConfig(
         codebook_size=1024, base_channels=32, channel_mult=(1, 1, 2, 2), encoder_res_blocks=1, z_channels=64
     ),
-    # The CPU miniature's: downsample 4 (a 32 px image is 8x8 tokens), 16 base channels in groups of 4.
+    # The CPU miniature's: downsample 4 (a 32 px image is 8x8 tokens), 16 base channels in groups of 4,
+    # 32-d codes (+1 dB PSNR over 8-d in the miniature's budget, and the teacher reads the
+    # reconstructions better: 31% vs 22% zero-shot).
     "llamagen_tiny_f4": ConvVQConfig(
-        codebook_size=1024, base_channels=16, channel_mult=(1, 2, 2), encoder_res_blocks=1, z_channels=64, norm_groups=4
+        codebook_size=1024, base_channels=16, channel_mult=(1, 2, 2), encoder_res_blocks=1, z_channels=64, norm_groups=4, code_dim=32
     ),
 }.items():
     register_tokenizer(_name, TokenizerSpec(config=_config, allowed_globals=_LLAMAGEN_GLOBALS))

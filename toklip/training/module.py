@@ -16,6 +16,7 @@ from torch import nn
 from ..checkpoints import CheckpointError, StateDict
 from ..losses import ClipLoss, DistillLoss, SigLipLoss, clamp_logit_scale_
 from ..models.factory import build_toklip, export_toklip
+from ..models.input_alignment import solve_token_embedding, token_embedding_statistics
 from ..models.presets import preset as preset_spec
 from ..models.teacher import Teacher, find_teacher_weights, init_from_teacher, read_open_clip_state_dict
 from ..models.text import get_text_tokenizer_for
@@ -33,6 +34,9 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
     and logit scale wherever name and shape match. The VQ (from `tokenizer_checkpoint`), the text
     tower and the teacher are frozen. `teacher` is an open_clip model name ("preset": the preset's);
     `teacher=None` with `distill_weight=0` trains without one (the text tower then stays random).
+    `align_input=True` solves the fresh `vq_mapping` on the first batch so that the token embeddings
+    reproduce the teacher's patch embeddings (`toklip.models.input_alignment`; the CPU miniature uses
+    it, the release recipe does not), before the first optimizer step of a run that is not resumed.
 
     Gradient accumulation (`Trainer(accumulate_grad_batches=k)`) averages the losses of k micro-
     batches. For the distillation terms, means of per-sample terms, that is exactly the gradient of
@@ -65,6 +69,7 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
         total_steps: int | None = None,
         gradient_checkpointing: bool = False,
         compile_blocks: bool = False,
+        align_input: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -117,6 +122,21 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
+        if self.hparams.align_input and self.global_step == 0 and batch_idx == 0:
+            self.align_input_to_teacher(batch["image"])
+
+    def align_input_to_teacher(self, images: torch.Tensor) -> float:
+        """Solve `vq_mapping` on this batch (its statistics summed over ranks, so ranks agree)."""
+        if self.teacher is None:
+            raise ValueError("align_input needs a teacher")
+        if self.device_mesh is not None:
+            raise ValueError("align_input writes whole weights; it does not support FSDP2's sharded ones")
+        stats = token_embedding_statistics(self.model.visual.trunk, self.teacher, images)
+        stats = {name: self.trainer.strategy.reduce(value, reduce_op="sum") for name, value in stats.items()}
+        r2 = solve_token_embedding(self.model.visual.trunk, stats)
+        log.info("token embedding fitted to the teacher's patch embedding: R^2 %.3f", r2)
+        self.log("train/input_alignment_r2", r2, batch_size=images.shape[0])
+        return r2
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
