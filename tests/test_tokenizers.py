@@ -31,7 +31,7 @@ def test_llamagen_vq16_layout_is_the_release_layout():
         ("llamagen_vq16", 16, 16384, 8),
         ("llamagen_vq8", 8, 16384, 8),
         ("llamagen_tiny", 8, 1024, 8),
-        ("llamagen_tiny_f4", 4, 1024, 32),
+        ("llamagen_tiny_f4", 4, 4096, 32),
         ("taming_f16_16384", 16, 16384, 256),
         ("taming_f16_1024", 16, 1024, 256),
         ("taming_f8_16384", 8, 16384, 4),

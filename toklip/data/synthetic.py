@@ -38,7 +38,7 @@ COLOURS = {
 }
 BACKGROUNDS = {"black": (20, 20, 20), "gray": (128, 128, 128), "white": (240, 240, 240)}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
-SIZES = {"small": 0.13, "large": 0.24}  # radius as a fraction of the image side
+SIZES = {"small": 0.16, "large": 0.28}  # radius as a fraction of the side; a small shape still spans 2-3 tokens at 32 px
 POSITIONS = {  # centre as fractions of the image side, and how a caption says it
     "left": ((0.25, 0.5), "on the left"),
     "right": ((0.75, 0.5), "on the right"),
