@@ -54,3 +54,8 @@ def test_a_teacher_on_another_grid_is_refused():
     teacher = Teacher("tiny_teacher_32", build_open_clip("tiny_teacher_32").state_dict())  # 8x8 patches
     with pytest.raises(ValueError, match="patch grid to be the VQ grid"):
         token_embedding_statistics(student.visual.trunk, teacher, torch.zeros(1, 3, 64, 64))
+
+
+def test_align_input_without_a_teacher_is_refused_at_construction():
+    with pytest.raises(ValueError, match="align_input"):
+        toklip.TokLIPModule("tiny_32", teacher=None, distill_weight=0.0, align_input=True)

@@ -11,7 +11,6 @@ patch embeddings. `vq_table` keeps its random init (random GELU features of the 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .teacher import Teacher
@@ -29,8 +28,7 @@ def token_embedding_statistics(trunk: TokenEncoder, teacher: Teacher, images: to
             f"input alignment needs the teacher's patch grid to be the VQ grid: teacher {tuple(patch_embed.grid_size)} "
             f"x width {patch_embed.proj.out_channels}, student {tuple(trunk.grid)} x width {trunk.spec.width}"
         )
-    pixels = images if tuple(images.shape[-2:]) == teacher.image_size else F.interpolate(images, size=teacher.image_size, mode="bilinear", align_corners=False)
-    target = patch_embed(pixels)  # (B, N, D): the teacher's embedding before its position embedding
+    target = patch_embed(teacher.resize(images))  # (B, N, D): the teacher's embedding before its position embedding
     features = trunk.vq_act(trunk.vq_table(trunk.vq.encode(images).codes.flatten(0, 2).to(trunk.vq_table.weight.dtype)))
     # float64: codes repeat (backgrounds), so the Gram matrix is near-singular
     features = torch.cat([features, torch.ones_like(features[:, :1])], dim=1).double()  # the bias column

@@ -95,11 +95,16 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> Teacher:
         return super().train(False)
 
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images at the teacher's own input size (bilinear), unchanged when they already are."""
+        if tuple(images.shape[-2:]) == self.image_size:
+            return images
+        return F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, return_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The image embedding; with `return_tokens`, also the trunk's patch tokens (timm trunks)."""
-        if tuple(images.shape[-2:]) != self.image_size:
-            images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
+        images = self.resize(images)
         if not return_tokens:
             return self.visual(images)
         trunk = getattr(self.visual, "trunk", None)

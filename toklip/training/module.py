@@ -84,6 +84,8 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
         self.teacher = self._build_teacher(teacher_checkpoint) if self.teacher_name else None
         if self.teacher is None:
             log.warning("no teacher: the text tower of %s stays at its random init and nothing is distilled", preset)
+        if self.teacher is None and align_input:
+            raise ValueError("align_input fits the token embedding to a teacher's: set teacher, or align_input=False")
         if self.teacher is None and (distill_weight or token_distill_weight):
             raise ValueError("distillation needs a teacher: set teacher (an open_clip model) or distill_weight=0")
         self.contrastive = ClipLoss(local_loss, gather_with_grad, match_single_process) if contrastive == "clip" else SigLipLoss()
@@ -127,8 +129,6 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
 
     def align_input_to_teacher(self, images: torch.Tensor) -> float:
         """Solve `vq_mapping` on this batch (its statistics summed over ranks, so ranks agree)."""
-        if self.teacher is None:
-            raise ValueError("align_input needs a teacher")
         if self.device_mesh is not None:
             raise ValueError("align_input writes whole weights; it does not support FSDP2's sharded ones")
         stats = token_embedding_statistics(self.model.visual.trunk, self.teacher, images)
