@@ -27,7 +27,7 @@ class ConvVQConfig:
     channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     encoder_res_blocks: int = 2  # the decoder uses one more per level
     z_channels: int = 256
-    norm_groups: int = 32  # GroupNorm's groups; the released families all use 32
+    norm_groups: int = 32  # GroupNorm's groups (the released families: 32); 0 for none
 
     @property
     def downsample(self) -> int:

@@ -1,6 +1,6 @@
 """Convolutional building blocks shared by the LlamaGen and taming VQ families.
 
-Both families use the same maths (GroupNorm(32, eps 1e-6; fewer groups only for narrow miniatures), swish, single-head spatial attention,
+Both families use the same maths (GroupNorm(32, eps 1e-6; fewer or none only in miniatures), swish, single-head spatial attention,
 right/bottom-padded stride-2 downsampling, nearest upsampling); only the containers that hold these
 blocks, and so the state-dict key names, differ.
 """
@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+def group_norm(channels: int, groups: int = 32) -> nn.Module:
+    """GroupNorm; `groups=0` leaves activations unnormalised (an identity, no weights)."""
+    if groups == 0:
+        return nn.Identity()
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
