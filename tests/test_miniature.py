@@ -3,7 +3,7 @@
 import json
 
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 import toklip
 from toklip.cli import CONFIG_DIR
@@ -21,7 +21,7 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         stage_overrides = ",".join(f"'{o}'" for o in REDUCED)
-        cfg = compose("demo", overrides=[f"stage_overrides=[{stage_overrides}]", "report_images=4"])
+        cfg = compose("demo", overrides=[f"stage_overrides=[{stage_overrides}]", "report_images=4", "seed=7"])
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / "demo")
         summary = run_demo(cfg)
@@ -41,3 +41,8 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     assert summary["seconds"]["total"] > 0
     stage3 = json.loads((out / "toklip" / "metrics.json").read_text())
     assert 0 < stage3["train/input_alignment_r2"] <= 1  # demo_toklip warm-starts the token embedding
+    # The VQ stage reads the stage-1 teacher as its perceptual network; every stage gets the demo's seed.
+    vq_cfg = OmegaConf.load(out / "vq" / "config.yaml")
+    assert vq_cfg.model.perceptual_teacher_checkpoint == str(out / "teacher" / "teacher.safetensors")
+    assert json.loads((out / "vq" / "metrics.json").read_text())["train/loss_perceptual"] > 0
+    assert {OmegaConf.load(out / role / "config.yaml").seed for role in ("teacher", "vq", "toklip")} == {7}

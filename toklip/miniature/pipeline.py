@@ -37,12 +37,9 @@ def stage_config(experiment: str, output_dir: Path, overrides: Sequence[str]) ->
 def run_stages(cfg: DictConfig, out: Path) -> tuple[dict[str, dict[str, float]], dict[str, float], DictConfig]:
     from ..cli.train import train  # the same function toklip-train runs
 
-    common = list(cfg.stage_overrides)
-    inputs = {
-        "teacher": [],
-        "vq": [],
-        "toklip": [f"teacher.checkpoint={out / 'teacher' / ARTIFACTS['teacher']}", f"tokenizer.checkpoint={out / 'vq' / ARTIFACTS['vq']}"],
-    }
+    common = [f"seed={cfg.seed}", *cfg.stage_overrides]
+    teacher = f"teacher.checkpoint={out / 'teacher' / ARTIFACTS['teacher']}"
+    inputs = {"teacher": [], "vq": [teacher], "toklip": [teacher, f"tokenizer.checkpoint={out / 'vq' / ARTIFACTS['vq']}"]}
     metrics, seconds = {}, {}
     for role, experiment in cfg.stages.items():
         stage_cfg = stage_config(experiment, out / role, [*inputs[role], *common])

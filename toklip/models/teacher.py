@@ -104,14 +104,17 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, return_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The image embedding; with `return_tokens`, also the trunk's patch tokens (timm trunks)."""
-        images = self.resize(images)
         if not return_tokens:
-            return self.visual(images)
+            return self.visual(self.resize(images))
+        tokens = self.patch_tokens(images)
+        return self.visual.head(self.visual.trunk.forward_head(tokens)), tokens
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's output tokens (timm trunks). Gradients reach `images`: a perceptual loss may use them."""
         trunk = getattr(self.visual, "trunk", None)
         if trunk is None or not hasattr(trunk, "forward_features"):
             raise ValueError("patch tokens need a teacher with a timm trunk (open_clip's TimmModel)")
-        tokens = trunk.forward_features(images)
-        return self.visual.head(trunk.forward_head(tokens)), tokens
+        return trunk.forward_features(self.resize(images))
 
 
 @dataclass

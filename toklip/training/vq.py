@@ -4,6 +4,11 @@ toklip's tokenizers are frozen by design; this module unfreezes one to train it 
 that `toklip.build_tokenizer(name, checkpoint=...)` loads. Codes are searched as in `encode` (unit
 norm for LlamaGen), the decoder reads them through a straight-through estimator, and codes unused
 for `restart_every` steps are re-seeded from the current batch's latents (dead-code restart).
+
+An optional perceptual term compares a frozen CLIP image tower's patch tokens of the reconstruction
+and of the image, as LlamaGen's LPIPS term compares VGG features; with the CLIP that TokLIP distils
+from, the codes keep what that teacher reads (colour, first of all). Nothing is downloaded: the
+tower's weights come from a path or the existing cache.
 """
 
 from __future__ import annotations
@@ -19,9 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoints import save_safetensors
+from ..models.teacher import Teacher, find_teacher_weights, read_open_clip_state_dict
 from ..tokenizers import build_tokenizer
 from ..tokenizers.base import nearest_code
 from .optim import adamw_warmup_cosine
+
+
+_TEACHER_PREFIX = "perceptual_teacher."
 
 
 def psnr(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -38,6 +47,9 @@ class VQTrainingModule(L.LightningModule):
         commitment_weight: float = 0.25,
         codebook_weight: float = 1.0,
         restart_every: int = 50,
+        perceptual_weight: float = 0.0,
+        perceptual_teacher: str | None = None,
+        perceptual_teacher_checkpoint: str | None = None,
         lr: float = 1e-3,
         betas: Sequence[float] = (0.9, 0.95),
         eps: float = 1e-8,
@@ -51,10 +63,22 @@ class VQTrainingModule(L.LightningModule):
         self.vq = build_tokenizer(tokenizer).requires_grad_(True)
         if hasattr(self.vq.quantize, "codebook_used"):
             self.vq.quantize.codebook_used.requires_grad_(False)
+        self.perceptual_teacher = self._build_perceptual_teacher(perceptual_weight, perceptual_teacher, perceptual_teacher_checkpoint)
         self.register_buffer("last_used", torch.zeros(self.vq.codebook_size, dtype=torch.long), persistent=False)
         self._step_codes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._val_codes: list[torch.Tensor] = []
         self._val_psnr: list[torch.Tensor] = []
+
+    @staticmethod
+    def _build_perceptual_teacher(weight: float, model: str | None, checkpoint: str | None) -> Teacher | None:
+        if weight < 0:
+            raise ValueError(f"perceptual_weight must be >= 0, got {weight}")
+        if (weight > 0) != (model is not None):
+            raise ValueError(f"perceptual_weight={weight} and perceptual_teacher={model!r}: a perceptual term needs both a weight and a teacher, or neither")
+        if model is None:
+            return None
+        weights = find_teacher_weights(model, checkpoint, source="perceptual_teacher_checkpoint")
+        return Teacher(model, read_open_clip_state_dict(weights, source="perceptual_teacher_checkpoint"), where=str(weights))
 
     def quantize(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.vq.latents(images).permute(0, 2, 3, 1)
@@ -73,14 +97,23 @@ class VQTrainingModule(L.LightningModule):
             "commitment": F.mse_loss(z, z_q.detach()),
         }
 
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images = batch["image"]
+    def losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The weighted loss terms of a batch, and the quantizer's outputs."""
         out = self.quantize(images)
         losses = {
             "reconstruction": F.l1_loss(out["reconstruction"], images) + F.mse_loss(out["reconstruction"], images),
             "codebook": self.hparams.codebook_weight * out["codebook"],
             "commitment": self.hparams.commitment_weight * out["commitment"],
         }
+        if self.perceptual_teacher is not None:
+            with torch.no_grad():
+                target = self.perceptual_teacher.patch_tokens(images)
+            losses["perceptual"] = self.hparams.perceptual_weight * F.mse_loss(self.perceptual_teacher.patch_tokens(out["reconstruction"]), target)
+        return losses, out
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        losses, out = self.losses(images)
         total = sum(losses.values())
         size = images.shape[0]
         self.log_dict({f"train/loss_{k}": v.detach() for k, v in losses.items()}, batch_size=size)
@@ -115,6 +148,14 @@ class VQTrainingModule(L.LightningModule):
             self.log("val/psnr", torch.cat(self._val_psnr).mean(), sync_dist=True)
             self.log("val/codebook_usage", torch.unique(torch.cat(self._val_codes)).numel() / self.vq.codebook_size, sync_dist=True)
         self._val_psnr, self._val_codes = [], []
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The perceptual teacher is frozen and re-read from its file: it is not saved."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(_TEACHER_PREFIX)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = {k: v for k, v in self.state_dict().items() if k.startswith(_TEACHER_PREFIX)}
+        checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_warmup_cosine(self, self.vq.named_parameters())

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from toklip.checkpoints import CheckpointError
+from toklip.training import VQTrainingModule
+
+
+def perceptual_module(teacher_file, weight=1.0):
+    return VQTrainingModule("llamagen_tiny", perceptual_weight=weight, perceptual_teacher="tiny_teacher_64", perceptual_teacher_checkpoint=str(teacher_file), total_steps=10)
+
+
+def test_without_a_teacher_the_loss_has_the_three_vq_terms(images):
+    losses, out = VQTrainingModule("llamagen_tiny").losses(images)
+    assert set(losses) == {"reconstruction", "codebook", "commitment"}
+    assert out["reconstruction"].shape == images.shape and out["indices"].shape == (2, 8, 8)
+
+
+def test_perceptual_term_compares_the_teachers_patch_tokens(tiny_teacher_checkpoint, images):
+    m = perceptual_module(tiny_teacher_checkpoint, weight=3.0)
+    losses, out = m.losses(images)
+    teacher = m.perceptual_teacher
+    expected = 3.0 * torch.nn.functional.mse_loss(teacher.patch_tokens(out["reconstruction"]), teacher.patch_tokens(images))
+    torch.testing.assert_close(losses["perceptual"], expected)
+    assert losses["perceptual"] > 0
+    assert teacher.patch_tokens(images).shape == (2, 64, 128)  # 64 px, patch 8: 8x8 tokens of width 128
+
+
+def test_perceptual_gradient_trains_the_vq_and_leaves_the_teacher_frozen(tiny_teacher_checkpoint, images):
+    m = perceptual_module(tiny_teacher_checkpoint)
+    losses, _ = m.losses(images)
+    losses["perceptual"].backward()
+    assert m.vq.decoder.conv_out.weight.grad.abs().sum() > 0
+    assert m.vq.encoder.conv_in.weight.grad.abs().sum() > 0  # through the straight-through estimator
+    assert all(p.grad is None and not p.requires_grad for p in m.perceptual_teacher.parameters())
+    optimised = {id(p) for group in m.configure_optimizers()["optimizer"].param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in m.perceptual_teacher.parameters()}
+
+
+@pytest.mark.parametrize("weight, teacher", [(1.0, None), (0.0, "tiny_teacher_64"), (-1.0, None)])
+def test_perceptual_options_must_agree(weight, teacher):
+    with pytest.raises(ValueError, match="perceptual"):
+        VQTrainingModule("llamagen_tiny", perceptual_weight=weight, perceptual_teacher=teacher)
+
+
+def test_missing_perceptual_teacher_weights_name_the_option(tmp_path):
+    with pytest.raises(CheckpointError, match="perceptual_teacher_checkpoint"):
+        perceptual_module(tmp_path / "absent.safetensors")
+
+
+def test_checkpoints_leave_the_perceptual_teacher_out_and_get_it_back(tiny_teacher_checkpoint):
+    m = perceptual_module(tiny_teacher_checkpoint)
+    checkpoint = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and not any(k.startswith("perceptual_teacher.") for k in checkpoint["state_dict"])
+    m.on_load_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == set(m.state_dict())
