@@ -18,6 +18,7 @@ import toklip
 from toklip.data import DataQualityError, TokLIPDataModule, make_synthetic, to_rgb
 from toklip.data.eval_sets import RetrievalSet, ZeroShotSet, read_retrieval_annotations
 from toklip.data.samples import SkippedSample, open_image
+from toklip.data import synthetic
 from toklip.data.synthetic import COLOURS, SyntheticConfig
 from toklip.data.transforms import eval_transform, preprocess_config
 
@@ -388,6 +389,13 @@ def test_synthetic_set_is_cached_by_its_parameters(tmp_path):
     assert (tmp_path / "train" / "000000.tar").stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match="other parameters"):
         make_synthetic(tmp_path, SyntheticConfig(**{**SMALL.__dict__, "seed": 3}))
+
+
+def test_a_set_drawn_with_another_scene_vocabulary_is_not_reused(tmp_path, monkeypatch):
+    make_synthetic(tmp_path, SMALL)
+    monkeypatch.setitem(synthetic.SIZES, "small", 0.1)  # as an older toklip drew them
+    with pytest.raises(FileExistsError, match="scene vocabulary"):
+        make_synthetic(tmp_path, SMALL)
 
 
 def test_synthetic_colours_are_drawn_as_named(tmp_path):

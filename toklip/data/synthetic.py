@@ -8,7 +8,7 @@ Layout written by `make_synthetic(out)`:
     out/train/000000.tar ...   img2dataset shards: <key>.jpg, <key>.txt, <key>.json
     out/zeroshot/<class>/*.jpg  one folder per class, with classnames.txt and templates.txt
     out/retrieval/images/*.jpg  and captions.jsonl, {"filename": ..., "caption": [...]} a line
-    out/manifest.json           the parameters; an equal manifest means the set is already there
+    out/manifest.json           the parameters and scene vocabulary; an equal one means the set is already there
 """
 
 from __future__ import annotations
@@ -265,6 +265,13 @@ def write_retrieval(paths: SyntheticPaths, cfg: SyntheticConfig) -> None:
     paths.retrieval_captions.write_text("\n".join(lines) + "\n")
 
 
+def _manifest(cfg: SyntheticConfig) -> dict:
+    """What a written set depends on: its parameters and the scene vocabulary of this version of the code
+    (a set drawn with other colours or sizes must not be taken for the current one)."""
+    vocabulary = {"colours": COLOURS, "backgrounds": BACKGROUNDS, "shapes": SHAPES, "sizes": SIZES, "positions": POSITIONS}
+    return {**dataclasses.asdict(cfg), "vocabulary": vocabulary}
+
+
 def make_synthetic(root: str | Path, cfg: SyntheticConfig = SyntheticConfig(), *, overwrite: bool = False) -> SyntheticPaths:
     """Write (or find already written, for the same parameters) the synthetic shards and eval sets."""
     if cfg.captions_per_image > 3:
@@ -272,11 +279,14 @@ def make_synthetic(root: str | Path, cfg: SyntheticConfig = SyntheticConfig(), *
     root = Path(root)
     paths = _paths(root, cfg)
     manifest = root / "manifest.json"
-    wanted = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    wanted = json.dumps(_manifest(cfg), sort_keys=True)
     if manifest.is_file() and not overwrite:
         if manifest.read_text() == wanted:
             return paths
-        raise FileExistsError(f"{root} holds a synthetic set made with other parameters ({manifest}); pass overwrite=True or another directory")
+        raise FileExistsError(
+            f"{root} holds a synthetic set made with other parameters or another scene vocabulary ({manifest}); "
+            "delete it, pass overwrite=True, or choose another directory"
+        )
     for part in ("train", "zeroshot", "retrieval"):
         shutil.rmtree(root / part, ignore_errors=True)
     manifest.unlink(missing_ok=True)
