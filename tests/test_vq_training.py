@@ -10,14 +10,14 @@ def perceptual_module(teacher_file, weight=1.0):
 
 
 def test_without_a_teacher_the_loss_has_the_three_vq_terms(images):
-    losses, out = VQTrainingModule("llamagen_tiny").losses(images)
+    losses, out = VQTrainingModule("llamagen_tiny").compute_losses(images)
     assert set(losses) == {"reconstruction", "codebook", "commitment"}
     assert out["reconstruction"].shape == images.shape and out["indices"].shape == (2, 8, 8)
 
 
 def test_perceptual_term_compares_the_teachers_patch_tokens(tiny_teacher_checkpoint, images):
     m = perceptual_module(tiny_teacher_checkpoint, weight=3.0)
-    losses, out = m.losses(images)
+    losses, out = m.compute_losses(images)
     teacher = m.perceptual_teacher
     expected = 3.0 * torch.nn.functional.mse_loss(teacher.patch_tokens(out["reconstruction"]), teacher.patch_tokens(images))
     torch.testing.assert_close(losses["perceptual"], expected)
@@ -27,7 +27,7 @@ def test_perceptual_term_compares_the_teachers_patch_tokens(tiny_teacher_checkpo
 
 def test_perceptual_gradient_trains_the_vq_and_leaves_the_teacher_frozen(tiny_teacher_checkpoint, images):
     m = perceptual_module(tiny_teacher_checkpoint)
-    losses, _ = m.losses(images)
+    losses, _ = m.compute_losses(images)
     losses["perceptual"].backward()
     assert m.vq.decoder.conv_out.weight.grad.abs().sum() > 0
     assert m.vq.encoder.conv_in.weight.grad.abs().sum() > 0  # through the straight-through estimator

@@ -97,7 +97,7 @@ class VQTrainingModule(L.LightningModule):
             "commitment": F.mse_loss(z, z_q.detach()),
         }
 
-    def losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def compute_losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The weighted loss terms of a batch, and the quantizer's outputs."""
         out = self.quantize(images)
         losses = {
@@ -113,7 +113,7 @@ class VQTrainingModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
-        losses, out = self.losses(images)
+        losses, out = self.compute_losses(images)
         total = sum(losses.values())
         size = images.shape[0]
         self.log_dict({f"train/loss_{k}": v.detach() for k, v in losses.items()}, batch_size=size)
