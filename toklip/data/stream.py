@@ -182,7 +182,7 @@ class ShardStream(IterableDataset):
             try:
                 # Augmentation drawn from (stream, position) alone: a resumed run crops as the first did.
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(augment_seed + position)
+                    torch.default_generator.manual_seed(augment_seed + position)  # torch.manual_seed also seeds lazy devices (~0.2 ms)
                     batch.append(self.decoder(sample))
             except SkippedSample as skipped:
                 counts[skipped.reason] += 1
