@@ -21,7 +21,7 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         stage_overrides = ",".join(f"'{o}'" for o in REDUCED)
-        cfg = compose("demo", overrides=[f"stage_overrides=[{stage_overrides}]", "report_images=4", "seed=7"])
+        cfg = compose("demo", overrides=[f"stage_overrides=[{stage_overrides}]", "report_images=4", "seed=7", f"paths.data_dir={tmp_path / 'scenes'}"])
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / "demo")
         summary = run_demo(cfg)
@@ -45,4 +45,8 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     vq_cfg = OmegaConf.load(out / "vq" / "config.yaml")
     assert vq_cfg.model.perceptual_teacher_checkpoint == str(out / "teacher" / "teacher.safetensors")
     assert json.loads((out / "vq" / "metrics.json").read_text())["train/loss_perceptual"] > 0
-    assert {OmegaConf.load(out / role / "config.yaml").seed for role in ("teacher", "vq", "toklip")} == {7}
+    stage_cfgs = [OmegaConf.load(out / role / "config.yaml") for role in ("teacher", "vq", "toklip")]
+    assert {c.seed for c in stage_cfgs} == {7}
+    # ... and the demo's data directory: the scenes are drawn once, where the user asked.
+    assert {c.paths.data_dir for c in stage_cfgs} == {str(tmp_path / "scenes")}
+    assert (tmp_path / "scenes" / "synthetic").is_dir() and not (tmp_path / "data").exists()

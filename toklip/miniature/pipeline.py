@@ -37,7 +37,7 @@ def stage_config(experiment: str, output_dir: Path, overrides: Sequence[str]) ->
 def run_stages(cfg: DictConfig, out: Path) -> tuple[dict[str, dict[str, float]], dict[str, float], DictConfig]:
     from ..cli.train import train  # the same function toklip-train runs
 
-    common = [f"seed={cfg.seed}", *cfg.stage_overrides]
+    common = [f"seed={cfg.seed}", f"paths.data_dir={cfg.paths.data_dir}", *cfg.stage_overrides]
     teacher = f"teacher.checkpoint={out / 'teacher' / ARTIFACTS['teacher']}"
     inputs = {"teacher": [], "vq": [teacher], "toklip": [teacher, f"tokenizer.checkpoint={out / 'vq' / ARTIFACTS['vq']}"]}
     metrics, seconds = {}, {}
