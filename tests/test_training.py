@@ -1,7 +1,6 @@
 """TokLIPModule: gradients, DDP and FSDP2 on CPU, optimisation, schedule, checkpoints, resume, export."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -139,12 +138,6 @@ def test_accumulate_grad_batches_runs(tiny_teacher_checkpoint):
     assert t.global_step == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _LossesOf(torch.nn.Module):
     """DDP needs a forward to wrap: this one is the module's losses."""
 
@@ -175,9 +168,9 @@ def _ddp_step(rank, world, port, teacher, options, out):
 
 
 @pytest.mark.parametrize("options", [{}, {"local_loss": True, "gather_with_grad": True}], ids=["gathered-no-grad", "local-loss"])
-def test_two_process_ddp_step_equals_one_process_over_the_global_batch(tiny_teacher_checkpoint, tmp_path, options):
+def test_two_process_ddp_step_equals_one_process_over_the_global_batch(tiny_teacher_checkpoint, tmp_path, free_port, options):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_step, args=(2, _free_port(), str(tiny_teacher_checkpoint), options, str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_step, args=(2, free_port, str(tiny_teacher_checkpoint), options, str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     m = module(tiny_teacher_checkpoint, **options)
     total = sum(m.compute_losses(random_batch(8)).values())

@@ -1,5 +1,9 @@
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from toklip.checkpoints import CheckpointError
 from toklip.training import VQTrainingModule
@@ -54,3 +58,49 @@ def test_checkpoints_leave_the_perceptual_teacher_out_and_get_it_back(tiny_teach
     assert checkpoint["state_dict"] and not any(k.startswith("perceptual_teacher.") for k in checkpoint["state_dict"])
     m.on_load_checkpoint(checkpoint)
     assert set(checkpoint["state_dict"]) == set(m.state_dict())
+
+
+def _unused(used: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[used] = False
+    return torch.nonzero(mask).flatten()
+
+
+def test_restart_reseeds_exactly_the_unused_codes_from_the_batch(images):
+    torch.manual_seed(0)
+    m = VQTrainingModule("llamagen_tiny", restart_every=0)
+    out = m.quantize(images)
+    used = torch.unique(out["indices"])
+    before = m.vq.quantize.embedding.weight.clone()
+    dead = m.restart_dead_codes(used, out["latents"], step=1)
+    assert torch.equal(dead, _unused(used, 1024)) and 0 < dead.numel() < 1024
+    after = m.vq.quantize.embedding.weight
+    assert torch.equal(after[used], before[used])
+    latents = out["latents"].reshape(-1, out["latents"].shape[-1])
+    assert torch.cdist(after[dead], latents).min(dim=1).values.max() < 0.2  # a latent plus 0.01-scale noise
+    assert m.restart_dead_codes(used, out["latents"], step=1).numel() == 0  # fresh codes get restart_every steps
+
+
+def _restart_on_rank(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)  # one initial codebook; each rank then sees its own images
+    m = VQTrainingModule("llamagen_tiny", restart_every=0)
+    torch.manual_seed(100 + rank)
+    result = m.quantize(torch.rand(2, 3, 64, 64) * 2 - 1)
+    used = torch.unique(result["indices"])
+    dead = m.restart_dead_codes(used, result["latents"], step=1)
+    torch.save({"used": used, "dead": dead, "codebook": m.vq.quantize.embedding.weight.detach()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_restart_the_same_codes_to_the_same_vectors(tmp_path, free_port):
+    """Usage is summed over ranks and the new vectors broadcast: the ranks' codebooks never drift apart."""
+    out = tmp_path / "restart.pt"
+    mp.spawn(_restart_on_rank, args=(2, free_port, str(out)), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    used_anywhere = torch.unique(torch.cat([r["used"] for r in ranks]))
+    assert not torch.equal(ranks[0]["used"], ranks[1]["used"])  # the ranks did see different codes
+    for r in ranks:
+        assert torch.equal(r["dead"], _unused(used_anywhere, 1024))
+    assert torch.equal(ranks[0]["codebook"], ranks[1]["codebook"])

@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..checkpoints import save_safetensors
@@ -127,15 +128,26 @@ class VQTrainingModule(L.LightningModule):
     @torch.no_grad()
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """After the optimizer step (the codebook must not change under autograd's feet)."""
-        used, latents = self._step_codes
-        self.last_used[used] = self.global_step
-        dead = torch.nonzero(self.global_step - self.last_used > self.hparams.restart_every).flatten()
+        self.restart_dead_codes(*self._step_codes, step=self.global_step)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, used: torch.Tensor, latents: torch.Tensor, *, step: int) -> torch.Tensor:
+        """Re-seed the codes no rank has used for `restart_every` steps; returns their indices.
+
+        DDP ranks must keep one codebook: usage is summed over ranks, and the new vectors are drawn
+        from rank 0's latents and broadcast.
+        """
+        hits = torch.zeros_like(self.last_used)
+        hits[used] = 1
+        self.last_used[_sum_over_ranks(hits) > 0] = step
+        dead = torch.nonzero(step - self.last_used > self.hparams.restart_every).flatten()
         if dead.numel() == 0:
-            return
+            return dead
         pool = latents.reshape(-1, latents.shape[-1])
         picks = pool[torch.randint(pool.shape[0], (dead.numel(),), device=pool.device)]
-        self.vq.quantize.embedding.weight[dead] = picks + 0.01 * torch.randn_like(picks)
-        self.last_used[dead] = self.global_step
+        self.vq.quantize.embedding.weight[dead] = _from_rank_zero(picks + 0.01 * torch.randn_like(picks))
+        self.last_used[dead] = step
+        return dead
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images = batch[0]
@@ -166,6 +178,22 @@ class VQTrainingModule(L.LightningModule):
         if self._trainer is None or self.trainer.is_global_zero:
             save_safetensors(state, out, metadata={"tokenizer": self.hparams.tokenizer})
         return Path(out)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def _from_rank_zero(tensor: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.broadcast(tensor, src=0)
+    return tensor
 
 
 def codebook_perplexity(indices: torch.Tensor, codebook_size: int) -> float:
