@@ -8,6 +8,7 @@ from torch import nn
 
 import toklip
 from toklip.tokenizers import tokenizer_spec
+from toklip.tokenizers.base import nearest_code
 
 DATA = Path(__file__).parent / "data"
 
@@ -96,6 +97,16 @@ def test_indices_are_the_nearest_codes(images):
     latents = tokenizer.latents(images).permute(0, 2, 3, 1).reshape(-1, tokenizer.code_dim)
     brute_force = torch.cdist(latents, tokenizer.codebook()).argmin(dim=1)
     assert torch.equal(brute_force, encoding.indices.flatten())
+
+
+def test_chunked_code_search_is_bit_identical_to_the_release_formula():
+    vectors, codebook = torch.randn(1000, 8), torch.randn(4096, 8)
+    codebook[7] = codebook[3]  # an exact tie resolves to the lower index, as argmin over the whole row does
+    vectors[0] = codebook[3]
+    distances = vectors.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * torch.einsum("nc,ck->nk", vectors, codebook.t())
+    indices = nearest_code(vectors, codebook)  # 64 rows a chunk here
+    assert torch.equal(indices, distances.argmin(dim=1)) and indices[0] == 3
+    assert nearest_code(vectors[:0], codebook).shape == (0,)
 
 
 def test_frozen_three_ways(images):
