@@ -20,6 +20,8 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import rank_and_world
+
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's bound: logit_scale is clamped to [0, ln 100]
 
@@ -30,15 +32,9 @@ def clamp_logit_scale_(logit_scale: torch.Tensor) -> None:
     logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_features(features: torch.Tensor, with_grad: bool) -> torch.Tensor:
     """All ranks' features, concatenated in rank order; the local slice keeps its gradient."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return features
     if with_grad:
@@ -71,7 +67,7 @@ class ClipLoss(nn.Module):
         self.match_single_process = match_single_process
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        rank, world = _world()
+        rank, world = rank_and_world()
         if not self.gather_with_grad and self.match_single_process:
             # Features only: logit_scale enters every rank's (identical) loss whole, its gradient is complete.
             image, text = _scale_gradient(image, world), _scale_gradient(text, world)
@@ -93,7 +89,7 @@ class SigLipLoss(nn.Module):
     from every rank with their gradients."""
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
-        rank, _ = _world()
+        rank, _ = rank_and_world()
         all_text = gather_features(text, with_grad=True)
         logits = logit_scale * image @ all_text.T + logit_bias
         labels = -torch.ones_like(logits)

@@ -21,10 +21,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..checkpoints import save_safetensors
+from ..distributed import from_rank_zero_, sum_over_ranks_
 from ..models.teacher import Teacher, find_teacher_weights, read_open_clip_state_dict
 from ..tokenizers import build_tokenizer
 from ..tokenizers.base import nearest_code
@@ -139,13 +139,13 @@ class VQTrainingModule(L.LightningModule):
         """
         hits = torch.zeros_like(self.last_used)
         hits[used] = 1
-        self.last_used[_sum_over_ranks(hits) > 0] = step
+        self.last_used[sum_over_ranks_(hits) > 0] = step
         dead = torch.nonzero(step - self.last_used > self.hparams.restart_every).flatten()
         if dead.numel() == 0:
             return dead
         pool = latents.reshape(-1, latents.shape[-1])
         picks = pool[torch.randint(pool.shape[0], (dead.numel(),), device=pool.device)]
-        self.vq.quantize.embedding.weight[dead] = _from_rank_zero(picks + 0.01 * torch.randn_like(picks))
+        self.vq.quantize.embedding.weight[dead] = from_rank_zero_(picks + 0.01 * torch.randn_like(picks))
         self.last_used[dead] = step
         return dead
 
@@ -178,22 +178,6 @@ class VQTrainingModule(L.LightningModule):
         if self._trainer is None or self.trainer.is_global_zero:
             save_safetensors(state, out, metadata={"tokenizer": self.hparams.tokenizer})
         return Path(out)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def _from_rank_zero(tensor: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        dist.broadcast(tensor, src=0)
-    return tensor
 
 
 def codebook_perplexity(indices: torch.Tensor, codebook_size: int) -> float:
