@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ..distributed import rank_and_world
 from .eval_sets import EvalSet, build_eval_set
 from .samples import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SampleDecoder
 from .sources import resolve_sources
@@ -216,7 +217,7 @@ class TokLIPDataModule(L.LightningDataModule):
         _, world_size = self._rank_and_world()
         workers = max(self.num_workers, 1)
         positions = torch.tensor([self._positions.get(w, (0, 0)) for w in range(workers)], dtype=torch.int64)
-        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if world_size > 1 and rank_and_world()[1] > 1:  # a Trainer's world, and a process group to gather over
             gathered = [torch.zeros_like(positions) for _ in range(world_size)]
             torch.distributed.all_gather_object(gathered, positions)
             positions_by_rank = [p.tolist() for p in gathered]
