@@ -1,0 +1,1 @@
+"""toklip's Hydra configs (package data): `pkg://toklip.conf`."""
