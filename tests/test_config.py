@@ -10,20 +10,19 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 import toklip
-from toklip.cli import CONFIG_DIR
 from toklip.cli.train import check_required
 
 FULL_SIZE = ["toklip_s_256", "toklip_l_384", "toklip_so400m_512"]
 
 
 def composed(*overrides: str, config: str = "train", output_dir: Path | None = None):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_module("toklip.conf", version_base="1.3"):
         cfg = compose(config, overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):

@@ -2,11 +2,10 @@
 
 import json
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf, open_dict
 
 import toklip
-from toklip.cli import CONFIG_DIR
 from toklip.miniature import run_demo
 from toklip.models.teacher import Teacher, read_open_clip_state_dict
 
@@ -19,7 +18,7 @@ REDUCED = [
 
 def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_module("toklip.conf", version_base="1.3"):
         stage_overrides = ",".join(f"'{o}'" for o in REDUCED)
         cfg = compose("demo", overrides=[f"stage_overrides=[{stage_overrides}]", "report_images=4", "seed=7", f"paths.data_dir={tmp_path / 'scenes'}"])
         with open_dict(cfg):

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..models.factory import convert_released, convert_teacher
-from . import CONFIG_DIR
+from . import CONFIG_PATH
 
 
 def convert(cfg: DictConfig) -> Path:
@@ -25,7 +25,7 @@ def convert(cfg: DictConfig) -> Path:
     raise ValueError(f"what={cfg.what!r}: choose released or teacher")
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="convert")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="convert")
 def main(cfg: DictConfig) -> None:
     print(f"wrote {convert(cfg)}")
 

@@ -10,10 +10,10 @@ import hydra
 from omegaconf import DictConfig
 
 from ..miniature import run_demo
-from . import CONFIG_DIR
+from . import CONFIG_PATH
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="demo")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="demo")
 def main(cfg: DictConfig) -> None:
     run_demo(cfg)
 

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..encoding import encode_images
-from . import CONFIG_DIR, resolve_device
+from . import CONFIG_PATH, resolve_device
 from .evaluate import load_model
 
 
@@ -22,7 +22,7 @@ def encode_from_config(cfg: DictConfig) -> dict[str, int]:
     )  # fmt: skip
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="encode")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="encode")
 def main(cfg: DictConfig) -> None:
     counts = encode_from_config(cfg)
     print(f"encoded {counts['encoded']} images into {cfg.output} ({cfg.format}); skipped {counts['skipped']}")

@@ -24,7 +24,7 @@ from ..evaluation import evaluate
 from ..models.factory import build_toklip, load_toklip
 from ..models.text import get_text_tokenizer_for
 from ..models.toklip import TokLIP
-from . import CONFIG_DIR, resolve_device
+from . import CONFIG_PATH, resolve_device
 from .train import prepare_synthetic_data, print_metrics
 
 
@@ -63,7 +63,7 @@ def evaluate_from_config(cfg: DictConfig) -> dict[str, float]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
     results = evaluate_from_config(cfg)
     print_metrics(results)

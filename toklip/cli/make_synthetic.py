@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.synthetic import SyntheticConfig, SyntheticPaths, make_synthetic
-from . import CONFIG_DIR
+from . import CONFIG_PATH
 
 
 def make_synthetic_from_config(cfg: DictConfig) -> SyntheticPaths:
@@ -18,7 +18,7 @@ def make_synthetic_from_config(cfg: DictConfig) -> SyntheticPaths:
     return make_synthetic(out, SyntheticConfig.from_options(options), overwrite=overwrite)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="make_synthetic")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="make_synthetic")
 def main(cfg: DictConfig) -> None:
     paths = make_synthetic_from_config(cfg)
     print(f"train shards: {paths.train_urls}\nzero-shot set: {paths.zeroshot}\nretrieval set: {paths.retrieval_captions}")

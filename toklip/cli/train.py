@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..data.synthetic import SyntheticConfig, make_synthetic
-from . import CONFIG_DIR
+from . import CONFIG_PATH
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def print_metrics(metrics: dict[str, Any]) -> None:
         print(f"{name:<{width}}  {metrics[name]:.4f}")
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
