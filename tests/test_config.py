@@ -8,35 +8,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import hydra.errors
+import hydra.utils
 import torch
 import webdataset as wds
-from hydra import compose, initialize_config_module
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 import toklip
-from toklip.cli.train import check_required
+from toklip.cli.train import main as toklip_train_main
+from toklip.config import check_required
+from toklip.models.factory import build_toklip_from
+from toklip.models.presets import preset_from_config
 
 FULL_SIZE = ["toklip_s_256", "toklip_l_384", "toklip_so400m_512"]
 
 
 def composed(*overrides: str, config: str = "train", output_dir: Path | None = None):
-    with initialize_config_module("toklip.conf", version_base="1.3"):
-        cfg = compose(config, overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
+    """A config as the library composes it, outside any Hydra app (the run directory given here)."""
+    cfg = toklip.compose_config(config, overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir or "unused")
-        del cfg.hydra
     return cfg
 
 
 @pytest.mark.parametrize("experiment", ["tiny", *FULL_SIZE])
 def test_every_experiment_composes_and_builds_on_meta(experiment):
     cfg = composed(f"experiment={experiment}")
-    overrides = OmegaConf.to_container(cfg.model.model_overrides, resolve=True)
     with torch.device("meta"):
-        model = toklip.build_toklip(cfg.preset, **overrides)
+        model = build_toklip_from(preset_from_config(cfg))
     size = cfg.resolution
     assert model.image_size == size == cfg.data.image_size
     assert model.visual.trunk.num_tokens == (size // 16) ** 2 if experiment != "tiny" else (size // 8) ** 2
@@ -49,17 +49,17 @@ def test_release_recipes_are_encoded_exactly(experiment, size, batch):
     assert cfg.data.batch_size_per_device == batch and cfg.data.train_num_samples == 10_968_539
     assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (1e-5, [0.9, 0.95], 1e-6, 0.1, 782)
     assert (cfg.trainer.max_epochs, cfg.trainer.precision, cfg.seed) == (32, "16-mixed", 0)
-    assert cfg.teacher.model == f"ViT-SO400M-16-SigLIP2-{size}" and cfg.model.model_overrides.tokenizer == "llamagen_vq16"
+    assert cfg.teacher.model == f"ViT-SO400M-16-SigLIP2-{size}" and cfg.model.tokenizer.name == "llamagen_vq16"
     assert (cfg.loss.contrastive, cfg.loss.distill_weight, cfg.loss.token_distill_weight) == ("clip", 1000.0, 0.0)
-    assert cfg.model.lr == 1e-5 and cfg.model.teacher == cfg.teacher.model
+    assert cfg.model.optim.lr == 1e-5 and cfg.model.teacher.model == cfg.teacher.model
 
 
 def test_resolution_alone_moves_a_run():
     cfg = composed("experiment=toklip_s_256", "resolution=384")
-    assert cfg.data.image_size == cfg.model.model_overrides.image_size == 384
+    assert cfg.data.image_size == cfg.model.image_size == 384
     assert cfg.teacher.model == "ViT-SO400M-16-SigLIP2-384"
     with torch.device("meta"):
-        model = toklip.build_toklip(cfg.preset, **OmegaConf.to_container(cfg.model.model_overrides, resolve=True))
+        model = build_toklip_from(preset_from_config(cfg))
     assert model.visual.trunk.num_tokens == 24 * 24
 
 
@@ -137,3 +137,39 @@ def test_programmatic_train_returns_the_final_metrics(tiny_teacher_checkpoint, t
     metrics = toklip.train(cfg)
     assert metrics["train/loss"] > 0 and "val/zeroshot/top1" not in metrics  # validation comes at step 2
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+
+
+def test_a_key_no_part_reads_is_an_error_not_a_no_op(tiny_teacher_checkpoint):
+    # The settings groups' schemas are dataclasses: a key they lack fails composition ...
+    with pytest.raises(hydra.errors.ConfigCompositionException, match="optim.lr_decay"):
+        composed("experiment=tiny", "optim.lr_decay=0.5")
+    # ... and a key forced in with `+`, in any group, fails when the module is built, named.
+    run = ("experiment=tiny", f"teacher.checkpoint={tiny_teacher_checkpoint}")
+    for group, key in (("tokenizer", "codebook_sise"), ("teacher", "pretrained"), ("loss", "distill_wieght"), ("optim", "lr_decay")):
+        cfg = composed(*run, f"+{group}.{key}=1")
+        with pytest.raises(hydra.errors.InstantiationException, match=rf"{group}: unknown key\(s\) {group}.{key}; it takes"):
+            hydra.utils.instantiate(cfg.model, _convert_="all")
+
+
+def test_presets_are_the_hydra_compositions_the_groups_use():
+    assert {"tiny_32", "tiny_64", "toklip_s_256", "toklip_l_384", "toklip_so400m_512"} <= set(toklip.available_presets())
+    parts = toklip.models.preset("toklip_l_384")
+    cfg = composed("experiment=toklip_l_384")
+    assert parts == preset_from_config(cfg)
+    assert (parts.tokenizer, parts.backbone, parts.image_size, parts.teacher) == ("llamagen_vq16", "so400m", 384, "ViT-SO400M-16-SigLIP2-384")
+    with pytest.raises(KeyError, match="unknown preset 'toklip_m_256'; available: tiny_32"):
+        toklip.models.preset("toklip_m_256")
+
+
+def test_a_sweep_job_returns_the_optimized_metric_not_the_loss(tiny_teacher_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = composed(*SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", output_dir=tmp_path / "run")
+    assert cfg.optimized_metric == "val/zeroshot/top1"
+    returned = toklip_train_main(cfg)  # what Hydra's job runner calls, in a sweep as in a single run
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert returned == metrics["val/zeroshot/top1"] != metrics["train/loss"]
+    with open_dict(cfg):
+        cfg.optimized_metric = "val/nothing"
+        cfg.paths.output_dir = str(tmp_path / "run2")
+    with pytest.raises(KeyError, match="optimized_metric='val/nothing' is not among the run's validation metrics: val/retrieval"):
+        toklip_train_main(cfg)

@@ -58,4 +58,4 @@ def test_a_teacher_on_another_grid_is_refused():
 
 def test_align_input_without_a_teacher_is_refused_at_construction():
     with pytest.raises(ValueError, match="align_input"):
-        toklip.TokLIPModule("tiny_32", teacher=None, distill_weight=0.0, align_input=True)
+        toklip.TokLIPModule("tiny_32", teacher={"model": None}, loss={"distill_weight": 0.0}, align_input=True)

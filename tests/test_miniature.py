@@ -2,7 +2,6 @@
 
 import json
 
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf, open_dict
 
 import toklip
@@ -18,12 +17,12 @@ REDUCED = [
 
 def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with initialize_config_module("toklip.conf", version_base="1.3"):
-        stage_overrides = ",".join(f"'{o}'" for o in REDUCED)
-        cfg = compose("demo", overrides=[f"stage_overrides=[{stage_overrides}]", "report_images=4", "seed=7", f"paths.data_dir={tmp_path / 'scenes'}"])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "demo")
-        summary = run_demo(cfg)
+    # Outside any Hydra app: the library composes the stages' configs itself.
+    stage_overrides = ",".join(f"'{o}'" for o in REDUCED)
+    cfg = toklip.compose_config("demo", [f"stage_overrides=[{stage_overrides}]", "report_images=4", "seed=7", f"paths.data_dir={tmp_path / 'scenes'}"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "demo")
+    summary = run_demo(cfg)
     out = tmp_path / "demo"
     teacher = Teacher("tiny_teacher_32", read_open_clip_state_dict(out / "teacher" / "teacher.safetensors"))
     tokenizer = toklip.build_tokenizer("llamagen_tiny_f4", checkpoint=out / "vq" / "tokenizer.safetensors")

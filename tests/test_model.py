@@ -168,11 +168,11 @@ def test_export_and_convert_round_trip(tiny, tmp_path):
     torch.save(_released_format(tiny), tmp_path / "released.pt")
     out = convert_released(tmp_path / "released.pt", "tiny_64", tmp_path / "export" / "tiny.safetensors")
     assert (tmp_path / "export" / "tiny.json").is_file()
-    loaded = toklip.load_toklip(out)  # the preset comes from the JSON sidecar
+    loaded = toklip.load_toklip(out)  # the architecture comes from the JSON sidecar
     assert torch.equal(loaded.encode_image(images), tiny.encode_image(images))
     with pytest.raises(ValueError, match="does not fit preset 'toklip_s_256'"):
         convert_released(tmp_path / "released.pt", "toklip_s_256", tmp_path / "x.safetensors")
-    export_toklip(tiny.state_dict(), "tiny_64", tmp_path / "direct.safetensors")
+    export_toklip(tiny.state_dict(), toklip.models.preset("tiny_64"), tmp_path / "direct.safetensors")
     assert torch.equal(toklip.load_toklip(tmp_path / "direct.safetensors").encode_image(images), tiny.encode_image(images))
 
 

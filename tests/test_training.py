@@ -1,5 +1,6 @@
 """TokLIPModule: gradients, DDP and FSDP2 on CPU, optimisation, schedule, checkpoints, resume, export."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,13 +17,22 @@ from torch.utils.data import DataLoader
 
 import toklip
 from toklip.checkpoints import CheckpointError
-from toklip.training import ExportModel, TokLIPModule, param_groups, warmup_cosine
+from toklip.losses import LossSettings
+from toklip.training import AdamWCosine, ExportModel, TokLIPModule, param_groups, warmup_cosine
 
 
-def module(teacher, **options) -> TokLIPModule:
+OPTIM_KEYS = {f.name for f in dataclasses.fields(AdamWCosine)}
+LOSS_KEYS = {f.name for f in dataclasses.fields(LossSettings)}
+
+
+def module(teacher, tokenizer_checkpoint=None, **options) -> TokLIPModule:
+    """The tiny preset; `options` are optimiser or loss keys (sorted into their groups) or module arguments."""
     torch.manual_seed(0)
-    options = {"lr": 1e-3, "warmup_steps": 2, "total_steps": 100, **options}
-    return TokLIPModule("tiny_64", teacher_checkpoint=str(teacher), **options)
+    optim = {"lr": 1e-3, "warmup_steps": 2, "total_steps": 100, **{k: options.pop(k) for k in OPTIM_KEYS & set(options)}}
+    loss = {k: options.pop(k) for k in LOSS_KEYS & set(options)}
+    return TokLIPModule(
+        "tiny_64", tokenizer={"checkpoint": tokenizer_checkpoint}, teacher={"checkpoint": str(teacher)}, optim=optim, loss=loss, **options
+    )
 
 
 def random_batch(n=8, seed=0) -> dict:
@@ -74,8 +84,8 @@ def test_student_starts_from_the_teacher(tiny_teacher_checkpoint):
 
 
 def test_missing_teacher_weights_name_the_key(tmp_path):
-    with pytest.raises(CheckpointError, match="teacher_checkpoint"):
-        TokLIPModule("tiny_64", teacher_checkpoint=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError, match="teacher.checkpoint"):
+        TokLIPModule("tiny_64", teacher={"checkpoint": str(tmp_path / "missing.safetensors")})
 
 
 def test_parameter_groups_follow_the_release_rule(tiny_teacher_checkpoint):
@@ -190,7 +200,7 @@ def test_fsdp2_runs_two_steps_on_cpu(tiny_teacher_checkpoint, synthetic_set, tmp
         from lightning.pytorch.strategies import ModelParallelStrategy
         dm = toklip.TokLIPDataModule({synthetic_set.train_urls!r}, text_tokenizer=toklip.get_text_tokenizer("tiny_64"),
                                      image_size=64, train_num_samples=64, batch_size_per_device=4, num_workers=0)
-        m = toklip.TokLIPModule("tiny_64", teacher_checkpoint={str(tiny_teacher_checkpoint)!r}, lr=1e-3, warmup_steps=1, total_steps=2)
+        m = toklip.TokLIPModule("tiny_64", teacher={{"checkpoint": {str(tiny_teacher_checkpoint)!r}}}, optim={{"lr": 1e-3, "warmup_steps": 1, "total_steps": 2}})
         t = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       callbacks=[toklip.training.ExportModel({str(tmp_path)!r}, "fsdp2.safetensors")])
@@ -288,7 +298,7 @@ def test_token_distillation_and_siglip_options(tiny_teacher_checkpoint):
     assert set(losses) == {"contrastive", "distill", "token_distill"}
     sum(losses.values()).backward()
     assert m.model.logit_bias is not None and m.model.logit_bias.grad is not None
-    with pytest.raises(ValueError, match="contrastive='softmax'"):
+    with pytest.raises(ValueError, match="loss.contrastive='softmax'"):
         module(tiny_teacher_checkpoint, contrastive="softmax")
 
 

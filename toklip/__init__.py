@@ -1,33 +1,25 @@
 """toklip: train, evaluate and serve TokLIP visual tokenizers."""
 
 from .checkpoints import CheckpointError
+from .config import compose_config
 from .data import TokLIPDataModule
 from .models import (
-    PRESETS,
     Teacher,
     TokLIP,
+    available_presets,
     build_toklip,
     build_toklip_encoder,
     get_text_tokenizer,
     init_from_teacher,
     load_toklip,
 )
-from .training import TokLIPModule
+from .tasks import encode, evaluate, train
 from .tokenizers import VQEncoding, VQTokenizer, available_tokenizers, build_tokenizer
+from .training import TokLIPModule
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    # toklip.train(cfg) lives with the command-line tools (it needs Hydra and conf/): imported on use.
-    if name == "train":
-        from .cli.train import train
-
-        return train
-    raise AttributeError(f"module 'toklip' has no attribute {name!r}")
-
 __all__ = [
-    "PRESETS",
     "CheckpointError",
     "Teacher",
     "TokLIP",
@@ -35,10 +27,14 @@ __all__ = [
     "TokLIPModule",
     "VQEncoding",
     "VQTokenizer",
+    "available_presets",
     "available_tokenizers",
     "build_tokenizer",
     "build_toklip",
     "build_toklip_encoder",
+    "compose_config",
+    "encode",
+    "evaluate",
     "get_text_tokenizer",
     "init_from_teacher",
     "load_toklip",

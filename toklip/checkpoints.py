@@ -8,6 +8,7 @@ all-or-nothing and reports every missing, unexpected and shape-mismatched key.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -177,3 +178,15 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
     save_file(tensors, partial, metadata=metadata)
     os.replace(partial, path)
     return path
+
+
+def sidecar_path(weights: Path) -> Path:
+    """The JSON file beside an export that describes it."""
+    return weights.with_suffix(".json")
+
+
+def save_with_sidecar(state_dict: Mapping[str, torch.Tensor], out: str | os.PathLike, description: dict[str, str]) -> Path:
+    """Safetensors carrying `description` as metadata, and the same as a readable JSON file beside it."""
+    out = save_safetensors(state_dict, out, metadata=description)
+    sidecar_path(out).write_text(json.dumps(description, indent=2) + "\n")
+    return out

@@ -13,11 +13,13 @@ term relatively `world` times stronger than its formula says; `match_single_proc
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
 from torch import nn
 
 from .distributed import rank_and_world
@@ -129,3 +131,29 @@ class DistillLoss(nn.Module):
                 raise ValueError(f"student tokens {tuple(student_tokens.shape)} vs teacher tokens {tuple(teacher_tokens.shape)}")
             losses["token_distill"] = self.token_weight * F.mse_loss(student_tokens, teacher_tokens.detach())
         return losses
+
+
+@dataclass  # not frozen: Hydra composes configs into it
+class LossSettings:
+    """The loss of a TokLIP run: the `loss/` config group (`loss/release` is this class, the release's
+    softmax CLIP + 1000 x MSE of normalised image embeddings)."""
+
+    contrastive: str = "clip"  # clip (the release's softmax loss) or siglip (sigmoid, with a logit bias)
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    match_single_process: bool = True  # false: the reference's DDP gradient scale (features 1/world)
+    distill_weight: float = 1000.0
+    distill_form: str = "mse"  # or cosine
+    token_distill_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.contrastive not in ("clip", "siglip"):
+            raise ValueError(f"loss.contrastive={self.contrastive!r}: choose clip (the release's softmax loss) or siglip")
+
+    def contrastive_loss(self) -> ClipLoss | SigLipLoss:
+        if self.contrastive == "siglip":
+            return SigLipLoss()
+        return ClipLoss(self.local_loss, self.gather_with_grad, self.match_single_process)
+
+
+ConfigStore.instance().store(group="loss", name="release", node=LossSettings)

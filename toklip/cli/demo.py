@@ -9,11 +9,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from ..config import HYDRA_VERSION_BASE
 from ..miniature import run_demo
 from . import CONFIG_PATH
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="demo")
+@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name="demo")
 def main(cfg: DictConfig) -> None:
     run_demo(cfg)
 

@@ -7,24 +7,16 @@
 from __future__ import annotations
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
-from ..encoding import encode_images
-from . import CONFIG_PATH, resolve_device
-from .evaluate import load_model
+from ..config import HYDRA_VERSION_BASE
+from ..tasks import encode
+from . import CONFIG_PATH
 
 
-def encode_from_config(cfg: DictConfig) -> dict[str, int]:
-    return encode_images(
-        load_model(cfg), cfg.input, cfg.output, format=cfg.format, features=list(cfg.features), batch_size=cfg.batch_size,
-        samples_per_file=cfg.samples_per_file, tokens_dtype=getattr(torch, cfg.tokens_dtype), device=resolve_device(cfg.device),
-    )  # fmt: skip
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="encode")
+@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name="encode")
 def main(cfg: DictConfig) -> None:
-    counts = encode_from_config(cfg)
+    counts = encode(cfg)
     print(f"encoded {counts['encoded']} images into {cfg.output} ({cfg.format}); skipped {counts['skipped']}")
 
 

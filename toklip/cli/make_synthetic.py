@@ -6,21 +6,16 @@
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ..data.synthetic import SyntheticConfig, SyntheticPaths, make_synthetic
+from ..config import HYDRA_VERSION_BASE
+from ..tasks import make_synthetic
 from . import CONFIG_PATH
 
 
-def make_synthetic_from_config(cfg: DictConfig) -> SyntheticPaths:
-    options = OmegaConf.to_container(cfg, resolve=True)
-    out, overwrite = options.pop("out"), options.pop("overwrite")
-    return make_synthetic(out, SyntheticConfig.from_options(options), overwrite=overwrite)
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="make_synthetic")
+@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name="make_synthetic")
 def main(cfg: DictConfig) -> None:
-    paths = make_synthetic_from_config(cfg)
+    paths = make_synthetic(cfg)
     print(f"train shards: {paths.train_urls}\nzero-shot set: {paths.zeroshot}\nretrieval set: {paths.retrieval_captions}")
 
 

@@ -1,7 +1,7 @@
 """Data: WebDataset training streams, evaluation sets, transforms and the synthetic-scene generator."""
 
 from .datamodule import DataQualityError, TokLIPDataModule
-from .eval_sets import RetrievalSet, ZeroShotSet, build_eval_set
+from .eval_sets import RetrievalSet, ZeroShotSet, build_eval_set, build_eval_sets
 from .samples import SKIP_REASONS, to_rgb
 from .sources import resolve_sources
 from .synthetic import SyntheticConfig, make_synthetic
@@ -15,6 +15,7 @@ __all__ = [
     "TokLIPDataModule",
     "ZeroShotSet",
     "build_eval_set",
+    "build_eval_sets",
     "eval_transform",
     "make_synthetic",
     "preprocess_config",

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..distributed import rank_and_world
-from .eval_sets import EvalSet, build_eval_set
+from .eval_sets import EvalSet, build_eval_sets
 from .samples import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SampleDecoder
 from .sources import resolve_sources
 from .stream import COUNTERS, REFERENCE_SAMPLE_SHUFFLE, REFERENCE_SHARD_SHUFFLE, STREAM_HEAD, ResumePoint, SharedEpoch, ShardStream
@@ -113,19 +113,15 @@ class TokLIPDataModule(L.LightningDataModule):
 
     # ---- set-up -------------------------------------------------------------------------------
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else self._epoch.get()
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate", "test") and not self.eval_sets:
             transform = eval_transform(self.eval_preprocess)
-            self.eval_sets = {name: build_eval_set(spec, transform) for name, spec in self.eval_set_specs.items()}
+            self.eval_sets = build_eval_sets(self.eval_set_specs, transform)
         if stage in (None, "fit"):
-            self.train_stream(*self._rank_and_world()).check_split(self.num_workers)
+            self.train_stream(*rank_and_world()).check_split(self.num_workers)
 
     def num_batches_per_epoch(self, world_size: int) -> int:
         """Steps an epoch on each rank: ceil(samples / global batch), a multiple of the workers."""
@@ -157,7 +153,7 @@ class TokLIPDataModule(L.LightningDataModule):
     # ---- loaders ------------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        return self.train_loader(*self._rank_and_world())
+        return self.train_loader(*rank_and_world())
 
     def train_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         return _EpochLoader(self.train_stream(rank, world_size), self._current_epoch, num_workers=self.num_workers, **self.loader_options)
@@ -214,10 +210,10 @@ class TokLIPDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """This epoch's data position on every rank (gathered), and the skip counters."""
-        _, world_size = self._rank_and_world()
+        _, world_size = rank_and_world()
         workers = max(self.num_workers, 1)
         positions = torch.tensor([self._positions.get(w, (0, 0)) for w in range(workers)], dtype=torch.int64)
-        if world_size > 1 and rank_and_world()[1] > 1:  # a Trainer's world, and a process group to gather over
+        if world_size > 1:
             gathered = [torch.zeros_like(positions) for _ in range(world_size)]
             torch.distributed.all_gather_object(gathered, positions)
             positions_by_rank = [p.tolist() for p in gathered]

@@ -156,3 +156,8 @@ def build_eval_set(spec: Mapping[str, Any], transform: Transform) -> EvalSet:
     if kind == "retrieval":
         return RetrievalSet(transform=transform, **spec)
     raise ValueError(f"evaluation set kind {kind!r}: choose zeroshot or retrieval")
+
+
+def build_eval_sets(specs: Mapping[str, Mapping[str, Any]], transform: Transform) -> dict[str, EvalSet]:
+    """Every evaluation set of a config's `eval.sets`, by name."""
+    return {name: build_eval_set(spec, transform) for name, spec in specs.items()}

@@ -10,18 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.eval_sets import EvalSet, build_eval_set
+from ..config import compose_config
+from ..data.eval_sets import EvalSet, build_eval_sets
 from ..data.transforms import eval_transform, preprocess_config
 from ..evaluation import evaluate
+from ..evaluation.reconstruction import reconstruction_scores
 from ..models.factory import load_toklip
-from ..models.teacher import build_open_clip, open_clip_config, read_open_clip_state_dict
+from ..models.teacher import load_open_clip, open_clip_config, read_open_clip_state_dict
 from ..models.text import get_text_tokenizer_for
-from ..checkpoints import load_state_dict_strict
-from ..tokenizers import VQTokenizer, build_tokenizer
-from ..training.vq import codebook_perplexity, psnr
+from ..tasks import train
+from ..tokenizers import build_tokenizer
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,10 @@ ARTIFACTS = {"teacher": "teacher.safetensors", "vq": "tokenizer.safetensors", "t
 
 def stage_config(experiment: str, output_dir: Path, overrides: Sequence[str]) -> DictConfig:
     """The toklip-train configuration of one stage, written to its own directory."""
-    return compose(config_name="train", overrides=[f"experiment={experiment}", f"paths.output_dir={output_dir}", *overrides])
+    return compose_config("train", [f"experiment={experiment}", f"paths.output_dir={output_dir}", *overrides])
 
 
 def run_stages(cfg: DictConfig, out: Path) -> tuple[dict[str, dict[str, float]], dict[str, float], DictConfig]:
-    from ..cli.train import train  # the same function toklip-train runs
-
     common = [f"seed={cfg.seed}", f"paths.data_dir={cfg.paths.data_dir}", *cfg.stage_overrides]
     teacher = f"teacher.checkpoint={out / 'teacher' / ARTIFACTS['teacher']}"
     inputs = {"teacher": [], "vq": [teacher], "toklip": [teacher, f"tokenizer.checkpoint={out / 'vq' / ARTIFACTS['vq']}"]}
@@ -54,47 +52,34 @@ def run_stages(cfg: DictConfig, out: Path) -> tuple[dict[str, dict[str, float]],
 
 def held_out_sets(stage_cfg: DictConfig) -> dict[str, EvalSet]:
     transform = eval_transform(preprocess_config(stage_cfg.resolution))
-    return {name: build_eval_set(spec, transform) for name, spec in OmegaConf.to_container(stage_cfg.eval.sets, resolve=True).items()}
+    return build_eval_sets(OmegaConf.to_container(stage_cfg.eval.sets, resolve=True), transform)
 
 
-@torch.no_grad()
-def reconstruction_scores(tokenizer: VQTokenizer, eval_sets: dict[str, EvalSet], batch_size: int = 64) -> dict[str, Any]:
-    """PSNR of decode(encode(image)) over every held-out image, codebook usage and perplexity."""
-    scores, indices, first = [], [], None
+def _images(eval_sets: dict[str, EvalSet], batch_size: int = 64):
+    """Every held-out image, in batches."""
     for dataset in eval_sets.values():
-        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-        for batch in images.split(batch_size):
-            codes = tokenizer.encode(batch).indices
-            reconstruction = tokenizer.decode(codes)
-            scores.append(psnr(reconstruction, batch) * len(batch))
-            indices.append(codes.flatten())
-            first = (batch, reconstruction) if first is None else first
-    used = torch.cat(indices)
-    return {
-        "psnr": float(sum(scores) / sum(len(d) for d in eval_sets.values())),
-        "codebook_usage": torch.unique(used).numel() / tokenizer.codebook_size,
-        "codebook_perplexity": codebook_perplexity(used, tokenizer.codebook_size),
-        "examples": first,
-    }
+        yield from torch.stack([dataset[i][0] for i in range(len(dataset))]).split(batch_size)
 
 
 def evaluate_all(out: Path, stage_cfg: DictConfig) -> dict[str, Any]:
     eval_sets = held_out_sets(stage_cfg)
     teacher_name = stage_cfg.teacher.model
     tokenizer = get_text_tokenizer_for(open_clip_config(teacher_name)["text_cfg"])
-    teacher = build_open_clip(teacher_name)
-    load_state_dict_strict(teacher, read_open_clip_state_dict(out / "teacher" / ARTIFACTS["teacher"]), where="teacher")
+    teacher = load_open_clip(teacher_name, read_open_clip_state_dict(out / "teacher" / ARTIFACTS["teacher"]))
     vq = build_tokenizer(stage_cfg.tokenizer.name, checkpoint=out / "vq" / ARTIFACTS["vq"])
     return {
         "classes": len(next(d for d in eval_sets.values() if hasattr(d, "classnames")).classnames),
         "teacher": evaluate(teacher, eval_sets, tokenizer, num_workers=0),
         "toklip": evaluate(load_toklip(out / "toklip" / ARTIFACTS["toklip"]), eval_sets, tokenizer, num_workers=0),
-        "vq": reconstruction_scores(vq, eval_sets),
+        "vq": reconstruction_scores(vq, _images(eval_sets)),
     }
 
 
 def run_demo(cfg: DictConfig) -> dict[str, Any]:
-    """Stage 1 teacher, stage 2 VQ tokenizer, stage 3 TokLIP, then evaluation and report.md."""
+    """Stage 1 teacher, stage 2 VQ tokenizer, stage 3 TokLIP, then evaluation and report.md.
+
+    `cfg` is a composed `demo` config (`toklip.config.compose_config("demo")`, or toklip-demo's);
+    the stages are composed in the active Hydra context, or in one of toklip's own."""
     out = Path(cfg.paths.output_dir)
     start = time.perf_counter()
     metrics, seconds, last_cfg = run_stages(cfg, out)

@@ -1,4 +1,8 @@
-"""Named transformer specs for the token encoder (and the matching timm ViTs for small teachers)."""
+"""Named transformer specs for the token encoder (and the matching timm ViTs for small teachers).
+
+The timm models are registered in timm's global registry with a `toklip_` prefix, so that they
+cannot be mistaken for (or collide with) timm's own.
+"""
 
 from __future__ import annotations
 
@@ -54,12 +58,12 @@ def _tiny_vit(name: str, img_size: int, patch_size: int, pretrained: bool, kwarg
 
 
 @register_model
-def vit_tiny_patch8_siglip_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def toklip_vit_tiny_patch8_siglip_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """8x8 patches at 64 px: the grid of `llamagen_tiny` (downsample 8)."""
-    return _tiny_vit("vit_tiny_patch8_siglip_64", 64, 8, pretrained, kwargs)
+    return _tiny_vit("toklip_vit_tiny_patch8_siglip_64", 64, 8, pretrained, kwargs)
 
 
 @register_model
-def vit_tiny_patch4_siglip_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def toklip_vit_tiny_patch4_siglip_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """8x8 patches at 32 px: the grid of `llamagen_tiny_f4` (downsample 4); the CPU miniature's teacher."""
-    return _tiny_vit("vit_tiny_patch4_siglip_32", 32, 4, pretrained, kwargs)
+    return _tiny_vit("toklip_vit_tiny_patch4_siglip_32", 32, 4, pretrained, kwargs)

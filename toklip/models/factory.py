@@ -18,12 +18,14 @@ from ..checkpoints import (
     find_state_dict,
     load_state_dict_strict,
     read_checkpoint,
-    save_safetensors,
+    save_with_sidecar,
+    sidecar_path,
     strip_prefix,
 )
 from ..tokenizers import build_tokenizer
 from .backbones import backbone_spec
-from .presets import REFERENCE_MODEL_NAMES, Preset, preset
+from .presets import REFERENCE_MODEL_NAMES, Preset
+from .presets import preset as preset_of
 from .teacher import build_open_clip, find_teacher_weights, read_open_clip_state_dict
 from .text import TextTokenizer, get_text_tokenizer_for
 from .toklip import TokLIP
@@ -45,16 +47,18 @@ def build_toklip(
 
     `overrides` replace preset fields: tokenizer, backbone, image_size, text (teacher is unused here).
     """
-    spec = _resolve(name, overrides)
-    tokenizer = build_tokenizer(spec.tokenizer, checkpoint=tokenizer_checkpoint, source="tokenizer_checkpoint")
-    return TokLIP(tokenizer, backbone_spec(spec.backbone), spec.image_size, spec.text, init_logit_bias=init_logit_bias)
-
-
-def _resolve(name: str, overrides: dict[str, Any]) -> Preset:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Preset)}
     if unknown:
         raise TypeError(f"unknown override(s) for preset {name!r}: {', '.join(sorted(unknown))}")
-    return dataclasses.replace(preset(name), **overrides)
+    return build_toklip_from(dataclasses.replace(preset_of(name), **overrides), tokenizer_checkpoint=tokenizer_checkpoint, init_logit_bias=init_logit_bias)
+
+
+def build_toklip_from(
+    parts: Preset, *, tokenizer_checkpoint: str | os.PathLike | None = None, init_logit_bias: float | None = None
+) -> TokLIP:
+    """A TokLIP model from its parts, randomly initialised (the VQ loaded when a checkpoint is given)."""
+    tokenizer = build_tokenizer(parts.tokenizer, checkpoint=tokenizer_checkpoint, source="tokenizer.checkpoint")
+    return TokLIP(tokenizer, backbone_spec(parts.backbone), parts.image_size, parts.text, init_logit_bias=init_logit_bias)
 
 
 def read_toklip_state_dict(path: str | os.PathLike, *, source: str | None = None) -> StateDict:
@@ -74,58 +78,52 @@ def read_toklip_state_dict(path: str | os.PathLike, *, source: str | None = None
 def load_toklip(path: str | os.PathLike, preset: str | None = None, **overrides: Any) -> TokLIP:
     """Load TokLIP weights strictly into the preset's architecture, in eval mode.
 
-    `preset` may be omitted for toklip exports, whose JSON sidecar names it (and any overrides).
+    `preset` may be omitted for toklip exports, whose metadata record their architecture.
     """
     path = Path(path)
     state_dict = read_toklip_state_dict(path, source="load_toklip(path)")
-    if preset is None:
-        preset, recorded = _preset_from_sidecar(path)
-        overrides = {**recorded, **overrides}
-    name = preset
-    model = build_toklip(name, init_logit_bias=0.0 if "logit_bias" in state_dict else None, **overrides)
+    parts = preset_of(preset) if preset is not None else _architecture_from_sidecar(path)
+    parts = dataclasses.replace(parts, **overrides)
+    model = build_toklip_from(parts, init_logit_bias=0.0 if "logit_bias" in state_dict else None)
     report = load_state_dict_strict(model, state_dict, where=str(path))
-    log.info("loaded %s into preset %s: %s", path, name, report)
+    log.info("loaded %s (%s): %s", path, parts, report)
     return model.eval()
 
 
-def sidecar_path(weights: Path) -> Path:
-    return weights.with_suffix(".json")
-
-
-def _preset_from_sidecar(weights: Path) -> tuple[str, dict[str, Any]]:
+def _architecture_from_sidecar(weights: Path) -> Preset:
     sidecar = sidecar_path(weights)
     if not sidecar.is_file():
-        raise ValueError(f"no preset given for {weights} and no {sidecar.name} beside it naming one")
+        raise ValueError(f"no preset given for {weights} and no {sidecar.name} beside it describing its architecture")
     description = json.loads(sidecar.read_text())
-    return description["preset"], json.loads(description.get("overrides", "{}"))
+    if "architecture" not in description:
+        raise ValueError(f"{sidecar} records no architecture (an export of an older toklip?): pass preset=...")
+    return Preset(**json.loads(description["architecture"]))
 
 
 def build_toklip_encoder(model: str, image_size: int, model_path: str | os.PathLike) -> TokLIP:
     """The reference code's entry point: a preset or reference model name, its resolution, weights."""
     name = REFERENCE_MODEL_NAMES.get(model, model)
-    if preset(name).image_size != image_size:
-        raise ValueError(f"{model!r} is a {preset(name).image_size} px model, not {image_size} px")
+    if preset_of(name).image_size != image_size:
+        raise ValueError(f"{model!r} is a {preset_of(name).image_size} px model, not {image_size} px")
     return load_toklip(model_path, preset=name)
 
 
 def get_text_tokenizer(name: str, tokenizer_path: str | os.PathLike | None = None) -> TextTokenizer:
     """The text tokenizer of a preset: list[str] -> (B, context_length) int64."""
-    return get_text_tokenizer_for(preset(name).text, tokenizer_path)
+    return get_text_tokenizer_for(preset_of(name).text, tokenizer_path)
 
 
-def export_toklip(state_dict: StateDict, preset_name: str, out: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Path:
-    """Write a self-contained TokLIP as safetensors, with a JSON sidecar naming its preset (and overrides)."""
-    description = {"preset": preset_name, "format": "toklip-safetensors"}
-    if overrides:
-        description["overrides"] = json.dumps(overrides, sort_keys=True)  # safetensors metadata is str -> str
-    return _save_with_sidecar(state_dict, out, description)
+def toklip_export_metadata(parts: Preset, preset_name: str | None = None) -> dict[str, str]:
+    """What an export records (safetensors metadata is str -> str): its architecture, for `load_toklip`."""
+    description = {"format": "toklip-safetensors", "architecture": json.dumps(dataclasses.asdict(parts), sort_keys=True)}
+    if preset_name is not None:
+        description["preset"] = preset_name
+    return description
 
 
-def _save_with_sidecar(state_dict: StateDict, out: str | os.PathLike, description: dict[str, str]) -> Path:
-    """Safetensors carrying `description` as metadata, and the same as a readable JSON file beside it."""
-    out = save_safetensors(state_dict, out, metadata=description)
-    sidecar_path(out).write_text(json.dumps(description, indent=2) + "\n")
-    return out
+def export_toklip(state_dict: StateDict, parts: Preset, out: str | os.PathLike, *, preset_name: str | None = None) -> Path:
+    """Write a self-contained TokLIP as safetensors, with a JSON sidecar recording its architecture."""
+    return save_with_sidecar(state_dict, out, toklip_export_metadata(parts, preset_name))
 
 
 def convert_released(checkpoint: str | os.PathLike, preset_name: str, out: str | os.PathLike) -> Path:
@@ -136,7 +134,7 @@ def convert_released(checkpoint: str | os.PathLike, preset_name: str, out: str |
     report = compare_state_dict(model, state_dict)
     if not report.ok:
         raise ValueError(f"{checkpoint} does not fit preset {preset_name!r}:\n{report}")
-    return export_toklip(state_dict, preset_name, out)
+    return export_toklip(state_dict, preset_of(preset_name), out, preset_name=preset_name)
 
 
 def convert_teacher(model: str, pretrained: str | os.PathLike | None, out: str | os.PathLike) -> Path:
@@ -147,4 +145,4 @@ def convert_teacher(model: str, pretrained: str | os.PathLike | None, out: str |
         report = compare_state_dict(build_open_clip(model), state_dict)
     if not report.ok:
         raise ValueError(f"{path} does not fit open_clip model {model!r}:\n{report}")
-    return _save_with_sidecar(state_dict, out, {"open_clip_model": model, "source": str(path)})
+    return save_with_sidecar(state_dict, out, {"open_clip_model": model, "source": str(path)})

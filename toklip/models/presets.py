@@ -1,62 +1,47 @@
-"""Named model presets: a tokenizer, a backbone, a resolution, a text tower and a teacher."""
+"""Named model presets: the parts (tokenizer, backbone, resolution, text tower, teacher) that a
+`preset/` Hydra config picks. The configs are the one source; this module reads them."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from hydra.errors import MissingConfigException
+from omegaconf import DictConfig
 
-from .backbones import BACKBONES
-from .text import text_config
+from ..config import compose_config, config_group_options
 
 
 @dataclass(frozen=True)
 class Preset:
-    tokenizer: str
-    backbone: str
+    tokenizer: str  # a registered tokenizer name
+    backbone: str  # a BACKBONES name
     image_size: int
-    text: str
+    text: str  # a TEXT_TOWERS name
     teacher: str | None  # open_clip model name of the teacher (and of the text tower's source)
 
 
-PRESETS: dict[str, Preset] = {
-    "toklip_s_256": Preset("llamagen_vq16", "so400m", 256, "siglip2_so400m", "ViT-SO400M-16-SigLIP2-256"),
-    "toklip_l_384": Preset("llamagen_vq16", "so400m", 384, "siglip2_so400m", "ViT-SO400M-16-SigLIP2-384"),
-    "toklip_so400m_512": Preset("llamagen_vq16", "so400m", 512, "siglip2_so400m", "ViT-SO400M-16-SigLIP2-512"),
-    "tiny_64": Preset("llamagen_tiny", "tiny", 64, "tiny", "tiny_teacher_64"),
-    "tiny_32": Preset("llamagen_tiny_f4", "tiny", 32, "tiny", "tiny_teacher_32"),  # the CPU miniature
-}
+def available_presets() -> list[str]:
+    """The names `preset(...)`, `toklip.build_toklip(...)` and `toklip-train preset=...` accept."""
+    return sorted(config_group_options("preset"))
+
+
+@functools.cache
+def preset(name: str) -> Preset:
+    """The parts of a preset, composed from its `preset/<name>` config."""
+    try:
+        cfg = compose_config("architecture", [f"preset={name}"])
+    except MissingConfigException:
+        raise KeyError(f"unknown preset {name!r}; available: {', '.join(available_presets())}") from None
+    return preset_from_config(cfg)
+
+
+def preset_from_config(cfg: DictConfig) -> Preset:
+    """The parts a composed config picks: its tokenizer, backbone, text and teacher groups and resolution."""
+    return Preset(cfg.tokenizer.name, cfg.backbone.name, cfg.resolution, cfg.text.name, cfg.teacher.model)
+
 
 # The reference code's model names, for `build_toklip_encoder` compatibility.
 REFERENCE_MODEL_NAMES = {
     "ViT-SO400M-16-SigLIP2-256-toklip": "toklip_s_256",
     "ViT-SO400M-16-SigLIP2-384-toklip": "toklip_l_384",
-}
-
-
-def preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}") from None
-
-
-def _tiny_teacher(image_size: int, timm_model_name: str) -> dict[str, Any]:
-    """A small open_clip CLIP whose vision trunk has the `tiny` backbone's keys."""
-    return {
-        "embed_dim": BACKBONES["tiny"].width,
-        "vision_cfg": {
-            "image_size": image_size,
-            "timm_model_name": timm_model_name,
-            "timm_model_pretrained": False,
-            "timm_pool": "map",
-            "timm_proj": "none",
-        },
-        "text_cfg": text_config("tiny"),
-    }
-
-
-# open_clip configs that toklip defines itself (small teachers for tests and the CPU miniature).
-OPEN_CLIP_CONFIGS = {
-    "tiny_teacher_64": lambda: _tiny_teacher(64, "vit_tiny_patch8_siglip_64"),
-    "tiny_teacher_32": lambda: _tiny_teacher(32, "vit_tiny_patch4_siglip_32"),
 }

@@ -14,13 +14,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .presets import OPEN_CLIP_CONFIGS
 from ..checkpoints import CheckpointError, StateDict, describe_source, find_state_dict, load_state_dict_strict, read_checkpoint, strip_prefix
+from .backbones import BACKBONES
+from .text import text_config
 
 log = logging.getLogger(__name__)
 
 # File names open_clip uses for weights on the Hugging Face hub, safest first.
 _HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _tiny_teacher(image_size: int, timm_model_name: str) -> dict[str, Any]:
+    """A small open_clip CLIP whose vision trunk has the `tiny` backbone's keys."""
+    return {
+        "embed_dim": BACKBONES["tiny"].width,
+        "vision_cfg": {
+            "image_size": image_size,
+            "timm_model_name": timm_model_name,
+            "timm_model_pretrained": False,
+            "timm_pool": "map",
+            "timm_proj": "none",
+        },
+        "text_cfg": text_config("tiny"),
+    }
+
+
+# open_clip configs that toklip defines itself (small teachers for tests and the CPU miniature).
+OPEN_CLIP_CONFIGS = {
+    "tiny_teacher_64": lambda: _tiny_teacher(64, "toklip_vit_tiny_patch8_siglip_64"),
+    "tiny_teacher_32": lambda: _tiny_teacher(32, "toklip_vit_tiny_patch4_siglip_32"),
+}
 
 
 def open_clip_config(model: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -75,6 +98,19 @@ def read_open_clip_state_dict(path: str | os.PathLike, *, source: str | None = N
     return strip_prefix(find_state_dict(raw, ("state_dict",), where=str(path)), "module.")
 
 
+def teacher_state_dict(model: str, checkpoint: str | os.PathLike | None, *, source: str) -> StateDict:
+    """The open_clip weights of a teacher: from `checkpoint`, or its file in the existing HF cache.
+    `source` names the config key the path came from, for error messages."""
+    return read_open_clip_state_dict(find_teacher_weights(model, checkpoint, source=source), source=source)
+
+
+def load_open_clip(model: str | Mapping[str, Any], state_dict: StateDict, *, where: str = "teacher") -> nn.Module:
+    """An open_clip model with `state_dict` loaded strictly."""
+    clip = build_open_clip(model)
+    load_state_dict_strict(clip, state_dict, where=where)
+    return clip
+
+
 class Teacher(nn.Module):
     """The frozen vision tower of an open_clip model; gives only the image embedding.
 
@@ -84,9 +120,7 @@ class Teacher(nn.Module):
 
     def __init__(self, model: str | Mapping[str, Any], state_dict: StateDict | None = None, *, where: str = "teacher") -> None:
         super().__init__()
-        clip = build_open_clip(model)
-        if state_dict is not None:
-            load_state_dict_strict(clip, state_dict, where=where)
+        clip = build_open_clip(model) if state_dict is None else load_open_clip(model, state_dict, where=where)
         self.visual = clip.visual
         self.image_size = tuple(clip.visual.image_size)
         self.requires_grad_(False)

@@ -109,19 +109,25 @@ class VQTokenizer(nn.Module):
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         self.grid(tuple(images.shape[-2:]))
 
+    def quantize_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents (B, C, h, w) -> indices (B, h, w), the searched vectors z and their nearest codes z_q
+        (both (B, h, w, C)). The search is not differentiable; z and z_q are (VQ training uses them)."""
+        z = latents.permute(0, 2, 3, 1).contiguous()
+        if self.l2_normalized:
+            z = F.normalize(z, p=2, dim=-1)
+        codebook = self.codebook().to(z.dtype)
+        indices = nearest_code(z.reshape(-1, self.code_dim).detach(), codebook.detach()).view(z.shape[:-1])
+        return indices, z, codebook[indices]
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> VQEncoding:
         """(B, 3, H, W) in [-1, 1] -> indices (B, h, w) and codes (B, h, w, C)."""
         self._check_images(images)
         with torch.autocast(images.device.type, enabled=False):
-            z = self.latents(images.to(self.dtype)).float().permute(0, 2, 3, 1).contiguous()
-            if self.l2_normalized:
-                z = F.normalize(z, p=2, dim=-1)
-            codebook = self.codebook().float()
-            indices = nearest_code(z.reshape(-1, self.code_dim), codebook).view(z.shape[:-1])
+            indices, z, z_q = self.quantize_latents(self.latents(images.to(self.dtype)).float())
             # The release's straight-through form z + (z_q - z): the same vectors as
             # lookup(indices) up to one rounding, and bit-identical to what the reference feeds on.
-            codes = z + (codebook[indices] - z)
+            codes = z + (z_q - z)
         return VQEncoding(indices=indices, codes=codes)
 
     @torch.no_grad()

@@ -1,9 +1,11 @@
 """Training: the TokLIP LightningModule, the miniature's teacher and VQ modules, optimiser, callbacks."""
 
-from .callbacks import ExportModel
+from .callbacks import ExportableModule, ExportModel
 from .clip_teacher import CLIPTrainingModule
 from .module import TokLIPModule
-from .optim import build_adamw, param_groups, warmup_cosine
+from .optim import AdamWCosine, param_groups, warmup_cosine
 from .vq import VQTrainingModule
 
-__all__ = ["CLIPTrainingModule", "ExportModel", "TokLIPModule", "VQTrainingModule", "build_adamw", "param_groups", "warmup_cosine"]
+__all__ = [
+    "AdamWCosine", "CLIPTrainingModule", "ExportModel", "ExportableModule", "TokLIPModule", "VQTrainingModule", "param_groups", "warmup_cosine",
+]

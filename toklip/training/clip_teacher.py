@@ -6,42 +6,37 @@ shards; the exported weights are both the teacher and the source of TokLIP's fro
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from ..checkpoints import save_safetensors
+from ..checkpoints import StateDict
+from ..config import settings_from_group
 from ..losses import ClipLoss, clamp_logit_scale_
 from ..models.teacher import build_open_clip, open_clip_config
 from ..models.text import get_text_tokenizer_for
-from .optim import adamw_warmup_cosine
+from .callbacks import ExportableModule
+from .optim import AdamWCosine
 from .validation import EvalSetsValidation
 
 
-class CLIPTrainingModule(EvalSetsValidation, L.LightningModule):
+class CLIPTrainingModule(EvalSetsValidation, ExportableModule, L.LightningModule):
     """An open_clip model (`model`: a name open_clip or toklip knows) trained with the softmax CLIP loss."""
 
     def __init__(
         self,
         model: str = "tiny_teacher_64",
         *,
-        lr: float = 1e-3,
-        betas: Sequence[float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        weight_decay: float = 0.1,
-        no_decay_rule: str = "release",
-        warmup_steps: int = 100,
-        total_steps: int | None = None,
+        optim: Mapping[str, Any] | None = None,
         local_loss: bool = False,
         gather_with_grad: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.optim = settings_from_group(AdamWCosine, "optim", optim)
         self.clip = build_open_clip(model)
         self.contrastive = ClipLoss(local_loss, gather_with_grad)
         self.text_tokenizer = get_text_tokenizer_for(open_clip_config(model)["text_cfg"])
@@ -66,10 +61,8 @@ class CLIPTrainingModule(EvalSetsValidation, L.LightningModule):
         clamp_logit_scale_(self.clip.logit_scale)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_warmup_cosine(self, self.clip.named_parameters())
+        return self.optim.configure(self, self.clip.named_parameters())
 
-    def export(self, out: str | os.PathLike) -> Path:
-        """open_clip weights as safetensors: what `TokLIPModule(teacher_checkpoint=...)` reads."""
-        if self._trainer is None or self.trainer.is_global_zero:
-            save_safetensors({k: v.detach().cpu() for k, v in self.clip.state_dict().items()}, out, metadata={"open_clip_model": self.hparams.model})
-        return Path(out)
+    def export_contents(self) -> tuple[StateDict, dict[str, str]]:
+        """open_clip weights: what a TokLIP run's `teacher.checkpoint` reads."""
+        return {k: v.detach().cpu() for k, v in self.clip.state_dict().items()}, {"open_clip_model": self.hparams.model}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +15,36 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, StateDict
-from ..losses import ClipLoss, DistillLoss, SigLipLoss, clamp_logit_scale_
-from ..models.factory import build_toklip, export_toklip
+from ..config import group_settings, settings_from_group
+from ..losses import DistillLoss, LossSettings, SigLipLoss, clamp_logit_scale_
+from ..models.factory import build_toklip_from, toklip_export_metadata
 from ..models.input_alignment import solve_token_embedding, token_embedding_statistics
+from ..models.presets import Preset
 from ..models.presets import preset as preset_spec
-from ..models.teacher import Teacher, find_teacher_weights, init_from_teacher, read_open_clip_state_dict
+from ..models.teacher import Teacher, init_from_teacher, teacher_state_dict
 from ..models.text import get_text_tokenizer_for
-from .optim import adamw_warmup_cosine
+from .callbacks import ExportableModule
+from .optim import AdamWCosine
 from .validation import EvalSetsValidation
 
 log = logging.getLogger(__name__)
 
 
-class TokLIPModule(EvalSetsValidation, L.LightningModule):
+class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
     """A TokLIP model, its frozen teacher, the losses, the optimiser and the validation metrics.
 
-    The student is built from `preset` (+ `model_overrides`) and initialised from the teacher's
-    weights (`teacher_checkpoint`, or the teacher's file in the existing HF cache): trunk, text tower
-    and logit scale wherever name and shape match. The VQ (from `tokenizer_checkpoint`), the text
-    tower and the teacher are frozen. `teacher` is an open_clip model name ("preset": the preset's);
-    `teacher=None` with `distill_weight=0` trains without one (the text tower then stays random).
-    `align_input=True` solves the fresh `vq_mapping` on the first batch so that the token embeddings
-    reproduce the teacher's patch embeddings (`toklip.models.input_alignment`; the CPU miniature uses
-    it, the release recipe does not), before the first optimizer step of a run that is not resumed.
+    The parts come from `preset` (a `preset/` config), each replaced by the config group of the same
+    name when given: `tokenizer` ({name, checkpoint}), `backbone` ({name}), `image_size`, `text`
+    ({name, tokenizer_path}) and `teacher` ({model, checkpoint}; model null: no teacher). `loss` and
+    `optim` hold the keys of `LossSettings` and `AdamWCosine`. A key a group does not take is an error.
+
+    The student is initialised from the teacher's weights (`teacher.checkpoint`, or the teacher's
+    file in the existing HF cache): trunk, text tower and logit scale wherever name and shape match.
+    The VQ (from `tokenizer.checkpoint`), the text tower and the teacher are frozen. Without a
+    teacher (and with no distillation) the text tower stays random. `align_input=True` solves the
+    fresh `vq_mapping` on the first batch so that the token embeddings reproduce the teacher's patch
+    embeddings (`toklip.models.input_alignment`; the CPU miniature uses it, the release recipe does
+    not), before the first optimizer step of a run that is not resumed.
 
     Gradient accumulation (`Trainer(accumulate_grad_batches=k)`) averages the losses of k micro-
     batches. For the distillation terms, means of per-sample terms, that is exactly the gradient of
@@ -48,61 +56,58 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
         self,
         preset: str = "tiny_64",
         *,
-        model_overrides: Mapping[str, Any] | None = None,
-        tokenizer_checkpoint: str | None = None,
-        teacher: str | None = "preset",
-        teacher_checkpoint: str | None = None,
-        text_tokenizer_path: str | None = None,
-        contrastive: str = "clip",
-        local_loss: bool = False,
-        gather_with_grad: bool = False,
-        match_single_process: bool = True,
-        distill_weight: float = 1000.0,
-        distill_form: str = "mse",
-        token_distill_weight: float = 0.0,
-        lr: float = 1e-5,
-        betas: Sequence[float] = (0.9, 0.95),
-        eps: float = 1e-6,
-        weight_decay: float = 0.1,
-        no_decay_rule: str = "release",
-        warmup_steps: int = 782,
-        total_steps: int | None = None,
+        tokenizer: Mapping[str, Any] | None = None,
+        backbone: Mapping[str, Any] | None = None,
+        image_size: int | None = None,
+        text: Mapping[str, Any] | None = None,
+        teacher: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        optim: Mapping[str, Any] | None = None,
         gradient_checkpointing: bool = False,
         compile_blocks: bool = False,
         align_input: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if contrastive not in ("clip", "siglip"):
-            raise ValueError(f"contrastive={contrastive!r}: choose clip (the release's softmax loss) or siglip")
+        parts = preset_spec(preset)
         self.preset_name = preset
-        self.model_overrides = dict(model_overrides or {})
-        self.model = build_toklip(
-            preset, tokenizer_checkpoint=tokenizer_checkpoint, init_logit_bias=-10.0 if contrastive == "siglip" else None, **self.model_overrides
+        self.tokenizer_cfg = group_settings("tokenizer", tokenizer, name=parts.tokenizer, checkpoint=None)
+        backbone_cfg = group_settings("backbone", backbone, name=parts.backbone)
+        text_cfg = group_settings("text", text, name=parts.text, tokenizer_path=None)
+        teacher_cfg = group_settings("teacher", teacher, model=parts.teacher, checkpoint=None)
+        self.loss_settings = settings_from_group(LossSettings, "loss", loss)
+        self.optim = settings_from_group(AdamWCosine, "optim", optim)
+        self.architecture = Preset(
+            tokenizer=self.tokenizer_cfg["name"], backbone=backbone_cfg["name"], image_size=image_size or parts.image_size,
+            text=text_cfg["name"], teacher=teacher_cfg["model"],
+        )  # fmt: skip
+        self.model = build_toklip_from(
+            self.architecture,
+            tokenizer_checkpoint=self.tokenizer_cfg["checkpoint"],
+            init_logit_bias=-10.0 if self.loss_settings.contrastive == "siglip" else None,
         )
-        self.teacher_name = preset_spec(preset).teacher if teacher == "preset" else teacher
-        self.teacher = self._build_teacher(teacher_checkpoint) if self.teacher_name else None
+        self.teacher = self._build_teacher(teacher_cfg["checkpoint"]) if self.architecture.teacher else None
+        losses = self.loss_settings
         if self.teacher is None:
             log.warning("no teacher: the text tower of %s stays at its random init and nothing is distilled", preset)
         if self.teacher is None and align_input:
-            raise ValueError("align_input fits the token embedding to a teacher's: set teacher, or align_input=False")
-        if self.teacher is None and (distill_weight or token_distill_weight):
-            raise ValueError("distillation needs a teacher: set teacher (an open_clip model) or distill_weight=0")
-        self.contrastive = ClipLoss(local_loss, gather_with_grad, match_single_process) if contrastive == "clip" else SigLipLoss()
-        self.distill = DistillLoss(distill_weight, distill_form, token_distill_weight) if self.teacher is not None else None
+            raise ValueError("align_input fits the token embedding to a teacher's: set teacher.model, or align_input=False")
+        if self.teacher is None and (losses.distill_weight or losses.token_distill_weight):
+            raise ValueError("distillation needs a teacher: set teacher.model (an open_clip model) or loss.distill_weight=0")
+        self.contrastive = losses.contrastive_loss()
+        self.distill = DistillLoss(losses.distill_weight, losses.distill_form, losses.token_distill_weight) if self.teacher is not None else None
         self.model.visual.trunk.gradient_checkpointing = gradient_checkpointing
         if compile_blocks:
             for block in self.model.visual.trunk.blocks:
                 block.compile()
-        self.text_tokenizer = get_text_tokenizer_for(self.model.text_spec, text_tokenizer_path)
+        self.text_tokenizer = get_text_tokenizer_for(self.model.text_spec, text_cfg["tokenizer_path"])
         self.eval_metrics = nn.ModuleDict()
         self._step_started = 0.0
 
     def _build_teacher(self, checkpoint: str | None) -> Teacher:
-        weights = find_teacher_weights(self.teacher_name, checkpoint, source="teacher_checkpoint")
-        state = read_open_clip_state_dict(weights, source="teacher_checkpoint")
+        state = teacher_state_dict(self.architecture.teacher, checkpoint, source="teacher.checkpoint")
         init_from_teacher(self.model, state)  # logs what it copied
-        return Teacher(self.teacher_name, state, where=str(weights))
+        return Teacher(self.architecture.teacher, state)
 
     # ---- training ---------------------------------------------------------------------------------
 
@@ -162,7 +167,7 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
         clamp_logit_scale_(self.model.logit_scale)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_warmup_cosine(self, self.model.named_parameters())
+        return self.optim.configure(self, self.model.named_parameters())
 
     @property
     def eval_model(self) -> nn.Module:
@@ -201,7 +206,7 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
         """The trainable weights, plus any frozen part that has no file to be re-read from (a random VQ
         or, without a teacher, a random text tower)."""
         keys = {f"model.{name}" for name in self.model.trainable_parameters()}
-        sourceless = [prefix for prefix, source in (("model.visual.trunk.vq.", self.hparams.tokenizer_checkpoint), ("model.text.", self.teacher)) if source is None]
+        sourceless = [prefix for prefix, source in (("model.visual.trunk.vq.", self.tokenizer_cfg["checkpoint"]), ("model.text.", self.teacher)) if source is None]
         keys |= {key for key in self.state_dict() if key.startswith(tuple(sourceless))} if sourceless else set()
         return keys
 
@@ -209,7 +214,7 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
         """Keep what training changes; the VQ, the text tower and the teacher are re-read from their sources."""
         keep = self._checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["toklip"] = {"preset": self.preset_name, "model_overrides": dict(self.model_overrides)}
+        checkpoint["toklip"] = {"preset": self.preset_name, "architecture": asdict(self.architecture)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved, keep = set(checkpoint["state_dict"]), self._checkpoint_keys()
@@ -230,10 +235,6 @@ class TokLIPModule(EvalSetsValidation, L.LightningModule):
 
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def export(self, out: str | os.PathLike) -> Path:
-        """The self-contained model (VQ and text tower included) as safetensors, for `load_toklip`.
-        Collective when sharded (call it on every rank); rank 0 writes."""
-        state = self.full_model_state_dict()
-        if self._trainer is None or self.trainer.is_global_zero:
-            export_toklip(state, self.preset_name, out, self.model_overrides)
-        return Path(out)
+    def export_contents(self) -> tuple[StateDict, dict[str, str]]:
+        """The self-contained model (VQ and text tower included), for `load_toklip`."""
+        return self.full_model_state_dict(), toklip_export_metadata(self.architecture, self.preset_name)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import lightning as L
 import torch
+from hydra.core.config_store import ConfigStore
 from torch import nn
+
 
 # timm's rule also exempts these (by name) from weight decay, besides every tensor of ndim <= 1.
 TIMM_NO_DECAY_NAMES = ("visual.trunk.pos_embed", "visual.trunk.attn_pool.latent", "logit_scale", "logit_bias")
@@ -52,22 +56,30 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def build_adamw(
-    named: Iterable[tuple[str, nn.Parameter]],
-    lr: float,
-    betas: Sequence[float],
-    eps: float,
-    weight_decay: float,
-    rule: str = "release",
-) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(named, weight_decay, rule), lr=lr, betas=tuple(betas), eps=eps)
+@dataclass  # not frozen: Hydra composes configs into it
+class AdamWCosine:
+    """AdamW over two weight-decay groups, then linear warmup and a cosine to 0: the release's recipe.
+
+    The one definition of the optimiser settings: the `optim/release` config is this class (so a key
+    it lacks, or a value of the wrong type, is an error at composition), and every training module
+    takes the `optim` group's keys and calls `configure`.
+    """
+
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-6
+    weight_decay: float = 0.1
+    no_decay_rule: str = "release"  # or timm
+    warmup_steps: int = 782
+    total_steps: int | None = None  # None: the Trainer's estimate (max_steps, or epochs x steps per epoch)
+
+    def configure(self, module: L.LightningModule, named: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Any]:
+        """What a LightningModule's `configure_optimizers` returns: the optimizer and its per-step schedule."""
+        groups = param_groups(named, self.weight_decay, self.no_decay_rule)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.betas), eps=self.eps)
+        total = self.total_steps or int(module.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(self.warmup_steps, total - 1), total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def adamw_warmup_cosine(module: Any, named: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Any]:
-    """`configure_optimizers` of a LightningModule whose hparams hold lr, betas, eps, weight_decay,
-    no_decay_rule, warmup_steps and total_steps (None: the Trainer's estimate)."""
-    hp = module.hparams
-    optimizer = build_adamw(named, hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.no_decay_rule)
-    total = hp.total_steps or int(module.trainer.estimated_stepping_batches)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(hp.warmup_steps, total - 1), total))
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+ConfigStore.instance().store(group="optim", name="release", node=AdamWCosine)

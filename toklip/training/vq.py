@@ -13,34 +13,27 @@ tower's weights come from a path or the existing cache.
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints import save_safetensors
+from ..checkpoints import StateDict
+from ..config import settings_from_group
 from ..distributed import from_rank_zero_, sum_over_ranks_
-from ..models.teacher import Teacher, find_teacher_weights, read_open_clip_state_dict
+from ..evaluation.reconstruction import psnr
+from ..models.teacher import Teacher, teacher_state_dict
 from ..tokenizers import build_tokenizer
-from ..tokenizers.base import nearest_code
-from .optim import adamw_warmup_cosine
+from .callbacks import ExportableModule
+from .optim import AdamWCosine
 
 
 _TEACHER_PREFIX = "perceptual_teacher."
 
 
-def psnr(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), computed per image then averaged."""
-    mse = (reconstruction.clamp(-1, 1) - images).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
-
-
-class VQTrainingModule(L.LightningModule):
+class VQTrainingModule(ExportableModule, L.LightningModule):
     def __init__(
         self,
         tokenizer: str = "llamagen_tiny",
@@ -51,16 +44,11 @@ class VQTrainingModule(L.LightningModule):
         perceptual_weight: float = 0.0,
         perceptual_teacher: str | None = None,
         perceptual_teacher_checkpoint: str | None = None,
-        lr: float = 1e-3,
-        betas: Sequence[float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        no_decay_rule: str = "release",
-        warmup_steps: int = 20,
-        total_steps: int | None = None,
+        optim: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.optim = settings_from_group(AdamWCosine, "optim", optim)
         self.vq = build_tokenizer(tokenizer).requires_grad_(True)
         if hasattr(self.vq.quantize, "codebook_used"):
             self.vq.quantize.codebook_used.requires_grad_(False)
@@ -78,16 +66,10 @@ class VQTrainingModule(L.LightningModule):
             raise ValueError(f"perceptual_weight={weight} and perceptual_teacher={model!r}: a perceptual term needs both a weight and a teacher, or neither")
         if model is None:
             return None
-        weights = find_teacher_weights(model, checkpoint, source="perceptual_teacher_checkpoint")
-        return Teacher(model, read_open_clip_state_dict(weights, source="perceptual_teacher_checkpoint"), where=str(weights))
+        return Teacher(model, teacher_state_dict(model, checkpoint, source="perceptual_teacher_checkpoint"))
 
     def quantize(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.vq.latents(images).permute(0, 2, 3, 1)
-        if self.vq.l2_normalized:
-            z = F.normalize(z, dim=-1)
-        codebook = self.vq.codebook()
-        indices = nearest_code(z.reshape(-1, self.vq.code_dim).detach(), codebook.detach()).view(z.shape[:-1])
-        z_q = codebook[indices]
+        indices, z, z_q = self.vq.quantize_latents(self.vq.latents(images))
         codes = z + (z_q - z).detach()  # straight through: the decoder's gradient reaches the encoder
         reconstruction = self.vq.decode_latents(codes.permute(0, 3, 1, 2).contiguous())
         return {
@@ -170,18 +152,8 @@ class VQTrainingModule(L.LightningModule):
         checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_warmup_cosine(self, self.vq.named_parameters())
+        return self.optim.configure(self, self.vq.named_parameters())
 
-    def export(self, out: str | os.PathLike) -> Path:
+    def export_contents(self) -> tuple[StateDict, dict[str, str]]:
         """The tokenizer's weights: `toklip.build_tokenizer(name, checkpoint=out)` loads them."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.vq.state_dict().items()}
-        if self._trainer is None or self.trainer.is_global_zero:
-            save_safetensors(state, out, metadata={"tokenizer": self.hparams.tokenizer})
-        return Path(out)
-
-
-def codebook_perplexity(indices: torch.Tensor, codebook_size: int) -> float:
-    """exp(entropy) of code frequencies: the effective number of codes in use."""
-    counts = torch.bincount(indices.flatten(), minlength=codebook_size).float()
-    p = counts[counts > 0] / counts.sum()
-    return math.exp(float(-(p * p.log()).sum()))
+        return {k: v.detach().cpu() for k, v in self.vq.state_dict().items()}, {"tokenizer": self.hparams.tokenizer}

@@ -1,0 +1,94 @@
+"""Hydra configuration as the library sees it: composing toklip's configs, and checking them.
+
+The configs ship inside the package (`toklip/conf`, `pkg://toklip.conf`). Library code composes them
+with `compose_config`, inside whatever Hydra context is active (a tool's `@hydra.main`, with any
+`--config-dir` the user added) or, when none is, in one of its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONFIG_MODULE = "toklip.conf"
+HYDRA_VERSION_BASE = "1.3"
+
+T = TypeVar("T")
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """One of toklip's configs (`train`, `demo`, ...) with command-line style overrides."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=config_name, overrides=list(overrides))
+    with initialize_config_module(CONFIG_MODULE, version_base=HYDRA_VERSION_BASE):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def config_group_options(group: str) -> list[str]:
+    """The configs of a group (`preset`, `experiment`, ...) that composition can see."""
+    if GlobalHydra.instance().is_initialized():
+        return GlobalHydra.instance().config_loader().get_group_options(group)
+    with initialize_config_module(CONFIG_MODULE, version_base=HYDRA_VERSION_BASE):
+        return GlobalHydra.instance().config_loader().get_group_options(group)
+
+
+def group_settings(group: str, given: Mapping[str, Any] | None, **defaults: Any) -> dict[str, Any]:
+    """A config group's keys over their `defaults`; a key outside them is an error naming it, not a no-op."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"{group}: unknown key(s) {', '.join(f'{group}.{key}' for key in unknown)}; it takes {', '.join(defaults)}")
+    return {**defaults, **given}
+
+
+def settings_from_group(schema: type[T], group: str, given: Mapping[str, Any] | None) -> T:
+    """A settings dataclass from a config group's keys over its defaults (unknown keys: an error)."""
+    return schema(**group_settings(group, given, **asdict(schema())))
+
+
+def run_id() -> str:
+    """One name for a run on every rank: the SLURM job or torchrun run id, else the start time."""
+    for variable in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(variable)
+        if value and value != "none":
+            return f"{variable.split('_')[0].lower()}-{value}"
+    return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+if not OmegaConf.has_resolver("toklip_run_id"):
+    OmegaConf.register_new_resolver("toklip_run_id", run_id, use_cache=True)
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys whose value is ??? (interpolations to them are not followed: they are named at the source)."""
+    if isinstance(node, DictConfig):
+        items = ((key, node._get_node(key)) for key in node.keys())
+    elif isinstance(node, ListConfig):
+        items = ((index, node._get_node(index)) for index in range(len(node)))
+    else:
+        return []
+    missing = []
+    for key, child in items:
+        path = f"{prefix}{key}"
+        if isinstance(child, (DictConfig, ListConfig)):
+            missing += _missing_keys(child, f"{path}.")
+        elif child is not None and child._is_missing() and not child._is_interpolation():
+            missing.append(path)
+    return missing
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Name every required (???) key left empty, before anything is built."""
+    missing = sorted(key for key in _missing_keys(cfg) if not key.startswith("hydra."))
+    if missing:
+        raise ValueError(
+            f"required configuration keys are not set: {', '.join(missing)} "
+            f"(set them on the command line, e.g. {missing[0]}=...)"
+        )

@@ -1,0 +1,167 @@
+"""The run logic every tool calls: train, evaluate, encode, convert, make_synthetic (each `cfg -> result`).
+
+A task takes a composed configuration (`toklip.config.compose_config`, or a tool's `@hydra.main`)
+and builds everything from it; `toklip/cli/` only wraps these in Hydra mains and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoints import read_checkpoint
+from .config import check_required
+from .data.eval_sets import build_eval_sets
+from .data.synthetic import SyntheticConfig, SyntheticPaths
+from .data.synthetic import make_synthetic as write_synthetic
+from .data.transforms import eval_transform
+from .encoding import encode_images
+from .evaluation import evaluate as evaluate_model
+from .models.factory import build_toklip_from, convert_released, convert_teacher, load_toklip
+from .models.presets import preset_from_config
+from .models.text import get_text_tokenizer_for
+from .models.toklip import TokLIP
+from .training import TokLIPModule
+
+log = logging.getLogger(__name__)
+
+
+# ---- train ----------------------------------------------------------------------------------------
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Build everything from `cfg`, fit, and return the final metrics (also written to metrics.json)."""
+    check_required(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    prepare_synthetic_data(cfg)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg.pop("synthetic", None)  # the generator's parameters, used above
+    datamodule = instantiate(data_cfg, _convert_="all")
+    module = instantiate(cfg.model, _convert_="all")
+    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), _convert_="all")
+    trainer.fit(module, datamodule, ckpt_path=resume_checkpoint(cfg), weights_only=True)
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
+def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a Hydra sweeper optimises: `cfg.optimized_metric` of the run's metrics (None when unset).
+
+    A run that validated but has no such metric names it wrongly (an error); a run that did not
+    validate since it (re)started has none to give (a warning, and None)."""
+    name = cfg.get("optimized_metric")
+    if name is None or name in metrics:
+        return metrics.get(name)
+    validated = sorted(key for key in metrics if key.startswith("val/"))
+    if validated:
+        raise KeyError(f"optimized_metric={name!r} is not among the run's validation metrics: {', '.join(validated)}")
+    log.warning("optimized_metric=%s: the run did not validate since it (re)started, so a sweeper gets None", name)
+    return None
+
+
+def prepare_synthetic_data(cfg: DictConfig) -> None:
+    """data=synthetic: write the scenes on first use (kept, and found again, for the same parameters)."""
+    synthetic = cfg.data.get("synthetic")
+    if synthetic is not None:
+        options = OmegaConf.to_container(synthetic, resolve=True)
+        root = options.pop("root")
+        write_synthetic(root, SyntheticConfig.from_options(options))
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """`resume`: null (start afresh), latest (the run directory's last checkpoint, if any), or a path."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume != "latest":
+        if not Path(cfg.resume).is_file():
+            raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
+        return str(cfg.resume)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    log.info("resume=latest: no checkpoint in %s yet; starting from the beginning", last.parent)
+    return None
+
+
+# ---- evaluate and encode -----------------------------------------------------------------------------
+
+
+def load_model(cfg: DictConfig) -> TokLIP:
+    """`cfg.checkpoint`: a training checkpoint (frozen parts rebuilt from its recorded sources), a
+    released file or an export (`load_toklip`); with none, the configured architecture at random init."""
+    if cfg.checkpoint is None:
+        return build_toklip_from(preset_from_config(cfg), tokenizer_checkpoint=cfg.tokenizer.checkpoint)
+    path = Path(cfg.checkpoint)
+    if path.suffix == ".ckpt" and "toklip" in read_checkpoint(path, source="checkpoint"):
+        return TokLIPModule.load_from_checkpoint(path, map_location="cpu", weights_only=True).model
+    return load_toklip(path, preset=cfg.released_preset)
+
+
+def resolve_device(name: str) -> str:
+    """`auto`: the GPU when there is one."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Zero-shot and retrieval scores of `load_model(cfg)` on `cfg.eval.sets`, also written to `cfg.out`."""
+    sets_cfg = OmegaConf.to_container(cfg.eval.sets, resolve=True)  # names any required path left empty
+    if not sets_cfg:
+        raise ValueError("no evaluation sets: choose eval=synthetic, eval=imagenet_coco, or set eval.sets")
+    prepare_synthetic_data(cfg)
+    model = load_model(cfg)
+    eval_sets = build_eval_sets(sets_cfg, eval_transform(model.preprocess_cfg))
+    tokenizer = get_text_tokenizer_for(model.text_spec, cfg.text.tokenizer_path)
+    results = evaluate_model(model, eval_sets, tokenizer, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=resolve_device(cfg.device))
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": cfg.checkpoint, "results": results}, indent=2) + "\n")
+    return results
+
+
+def encode(cfg: DictConfig) -> dict[str, int]:
+    """VQ indices, per-token features and embeddings of every image of `cfg.input`, into `cfg.output`."""
+    return encode_images(
+        load_model(cfg), cfg.input, cfg.output, format=cfg.format, features=list(cfg.features), batch_size=cfg.batch_size,
+        samples_per_file=cfg.samples_per_file, tokens_dtype=getattr(torch, cfg.tokens_dtype), device=resolve_device(cfg.device),
+    )  # fmt: skip
+
+
+# ---- convert and make_synthetic ------------------------------------------------------------------
+
+
+def convert(cfg: DictConfig) -> Path:
+    """A released TokLIP checkpoint (`what=released`) or open_clip teacher weights (`what=teacher`) -> safetensors."""
+    if cfg.what == "released":
+        if cfg.checkpoint is None:
+            raise ValueError("checkpoint= must name the released TokLIP file (e.g. TokLIP_S_256.pt)")
+        return convert_released(cfg.checkpoint, cfg.released_preset, cfg.out)
+    if cfg.what == "teacher":
+        return convert_teacher(cfg.teacher_model, cfg.checkpoint, cfg.out)
+    raise ValueError(f"what={cfg.what!r}: choose released or teacher")
+
+
+def make_synthetic(cfg: DictConfig) -> SyntheticPaths:
+    """The synthetic-scene shards and evaluation sets under `cfg.out`."""
+    options = OmegaConf.to_container(cfg, resolve=True)
+    out, overwrite = options.pop("out"), options.pop("overwrite")
+    return write_synthetic(out, SyntheticConfig.from_options(options), overwrite=overwrite)
+
+
+def print_metrics(metrics: dict[str, Any]) -> None:
+    """One `name  value` line a metric, sorted by name."""
+    width = max((len(k) for k in metrics), default=0)
+    for name in sorted(metrics):
+        print(f"{name:<{width}}  {metrics[name]:.4f}")
