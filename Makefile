@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-all
+.PHONY: install demo lint test test-all
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/toklip-demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest
 
-test-all: $(STAMP)
+test-all: lint
 	$(PY) -m pytest -m ''

@@ -44,7 +44,7 @@ def images_per_second(loader, batch_size: int) -> float:
     iterator = iter(loader)
     next(iterator)  # worker start-up is not throughput
     start, count = time.perf_counter(), 0
-    for batch in iterator:
+    for _ in iterator:
         count += batch_size
     return count / (time.perf_counter() - start)
 
@@ -85,7 +85,7 @@ def main() -> None:
             bare = images_per_second(bare_loader(urls, size, args.batch_size, args.workers), args.batch_size)
             rows.append((size, ours / args.workers, bare / args.workers, ours / bare))
     print(f"\n{args.images} JPEGs, {args.workers} worker(s), batch {args.batch_size}; images/s per worker")
-    print(f"| size | TokLIPDataModule | bare webdataset + PIL | ratio |\n|---|---|---|---|")
+    print("| size | TokLIPDataModule | bare webdataset + PIL | ratio |\n|---|---|---|---|")
     for size, ours, bare, ratio in rows:
         print(f"| {size} | {ours:.0f} | {bare:.0f} | {ratio:.2f} |")
 

@@ -40,7 +40,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}, batch {args.batch}, {args.iters} iterations\n")
-    print(f"| tokenizer | size | dtype | grid | encode img/s | decode img/s |\n|---|---|---|---|---|---|")
+    print("| tokenizer | size | dtype | grid | encode img/s | decode img/s |\n|---|---|---|---|---|---|")
     for tokenizer_name in args.tokenizers:
         for dtype_name in args.dtypes:
             dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
@@ -48,8 +48,8 @@ def main() -> None:
             for size in args.sizes:
                 images = torch.rand(args.batch, 3, size, size, device=device) * 2 - 1
                 indices = tokenizer.encode(images).indices
-                encode = _images_per_second(lambda: tokenizer.encode(images), args.batch, args.iters, device)
-                decode = _images_per_second(lambda: tokenizer.decode(indices), args.batch, args.iters, device)
+                encode = _images_per_second(lambda t=tokenizer, x=images: t.encode(x), args.batch, args.iters, device)
+                decode = _images_per_second(lambda t=tokenizer, i=indices: t.decode(i), args.batch, args.iters, device)
                 h, w = tokenizer.grid(size)
                 print(f"| {tokenizer_name} | {size} | {dtype_name} | {h}x{w} | {encode:.1f} | {decode:.1f} |", flush=True)
 

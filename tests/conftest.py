@@ -51,7 +51,9 @@ def tiny_teacher_checkpoint(tmp_path_factory):
     from toklip.models.teacher import build_open_clip
 
     torch.manual_seed(123)
-    return save_safetensors(build_open_clip("tiny_teacher_64").state_dict(), tmp_path_factory.mktemp("teacher") / "tiny_teacher.safetensors")
+    return save_safetensors(
+        build_open_clip("tiny_teacher_64").state_dict(), tmp_path_factory.mktemp("teacher") / "tiny_teacher.safetensors"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -59,5 +61,7 @@ def synthetic_set(tmp_path_factory):
     """A small synthetic-scene set: 256 training samples in 4 shards, 7 colour classes, 20 retrieval images."""
     from toklip.data import SyntheticConfig, make_synthetic
 
-    config = SyntheticConfig(train_samples=256, samples_per_shard=64, zeroshot_classes=("colour",), zeroshot_per_class=3, retrieval_images=20)
+    config = SyntheticConfig(
+        train_samples=256, samples_per_shard=64, zeroshot_classes=("colour",), zeroshot_per_class=3, retrieval_images=20
+    )
     return make_synthetic(tmp_path_factory.mktemp("synthetic"), config)

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
 import hydra.errors
 import hydra.utils
+import numpy as np
+import pytest
 import torch
 import webdataset as wds
 from omegaconf import OmegaConf, open_dict
@@ -47,7 +47,13 @@ def test_every_experiment_composes_and_builds_on_meta(experiment):
 def test_release_recipes_are_encoded_exactly(experiment, size, batch):
     cfg = composed(f"experiment={experiment}")
     assert cfg.data.batch_size_per_device == batch and cfg.data.train_num_samples == 10_968_539
-    assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (1e-5, [0.9, 0.95], 1e-6, 0.1, 782)
+    assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (
+        1e-5,
+        [0.9, 0.95],
+        1e-6,
+        0.1,
+        782,
+    )
     assert (cfg.trainer.max_epochs, cfg.trainer.precision, cfg.seed) == (32, "16-mixed", 0)
     assert cfg.teacher.model == f"ViT-SO400M-16-SigLIP2-{size}" and cfg.model.tokenizer.name == "llamagen_vq16"
     assert (cfg.loss.contrastive, cfg.loss.distill_weight, cfg.loss.token_distill_weight) == ("clip", 1000.0, 0.0)
@@ -108,7 +114,15 @@ def test_train_from_the_shell_then_resume_eval_and_encode(tiny_teacher_checkpoin
     images.mkdir()
     for i in range(3):
         Image.new("RGB", (80, 64), (60 * i, 20, 200)).save(images / f"img{i}.png")
-    encoded = toklip_tool("toklip-encode", *SMALL_RUN, f"checkpoint={run_dir / 'toklip.safetensors'}", f"input={images}", "output=enc", "run_name=en", cwd=tmp_path)
+    encoded = toklip_tool(
+        "toklip-encode",
+        *SMALL_RUN,
+        f"checkpoint={run_dir / 'toklip.safetensors'}",
+        f"input={images}",
+        "output=enc",
+        "run_name=en",
+        cwd=tmp_path,
+    )
     assert encoded.returncode == 0, encoded.stderr[-3000:]
     assert "encoded 3 images" in encoded.stdout
     records = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "enc" / "000000.tar"), shardshuffle=False).decode()}
@@ -123,7 +137,15 @@ def test_train_from_the_shell_then_resume_eval_and_encode(tiny_teacher_checkpoin
 
 
 def test_a_two_job_sweep_writes_one_directory_per_job(tiny_teacher_checkpoint, tmp_path):
-    done = toklip_tool("toklip-train", *SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "run_name=sweep", "optim.lr=1e-4,3e-4", multirun=True, cwd=tmp_path)
+    done = toklip_tool(
+        "toklip-train",
+        *SMALL_RUN,
+        f"teacher.checkpoint={tiny_teacher_checkpoint}",
+        "run_name=sweep",
+        "optim.lr=1e-4,3e-4",
+        multirun=True,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     sweep = tmp_path / "runs" / "train" / "multirun_sweep"
     lrs = sorted(OmegaConf.load(sweep / str(job) / ".hydra" / "config.yaml").optim.lr for job in (0, 1))
@@ -133,7 +155,9 @@ def test_a_two_job_sweep_writes_one_directory_per_job(tiny_teacher_checkpoint, t
 
 def test_programmatic_train_returns_the_final_metrics(tiny_teacher_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = composed(*SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "trainer.max_steps=1", "logger=csv", output_dir=tmp_path / "run")
+    cfg = composed(
+        *SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "trainer.max_steps=1", "logger=csv", output_dir=tmp_path / "run"
+    )
     metrics = toklip.train(cfg)
     assert metrics["train/loss"] > 0 and "val/zeroshot/top1" not in metrics  # validation comes at step 2
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
@@ -156,7 +180,12 @@ def test_presets_are_the_hydra_compositions_the_groups_use():
     parts = toklip.models.preset("toklip_l_384")
     cfg = composed("experiment=toklip_l_384")
     assert parts == preset_from_config(cfg)
-    assert (parts.tokenizer, parts.backbone, parts.image_size, parts.teacher) == ("llamagen_vq16", "so400m", 384, "ViT-SO400M-16-SigLIP2-384")
+    assert (parts.tokenizer, parts.backbone, parts.image_size, parts.teacher) == (
+        "llamagen_vq16",
+        "so400m",
+        384,
+        "ViT-SO400M-16-SigLIP2-384",
+    )
     with pytest.raises(KeyError, match="unknown preset 'toklip_m_256'; available: tiny_32"):
         toklip.models.preset("toklip_m_256")
 

@@ -15,10 +15,9 @@ import webdataset as wds
 from PIL import Image
 
 import toklip
-from toklip.data import DataQualityError, TokLIPDataModule, make_synthetic, to_rgb
+from toklip.data import DataQualityError, TokLIPDataModule, make_synthetic, synthetic, to_rgb
 from toklip.data.eval_sets import RetrievalSet, ZeroShotSet, read_retrieval_annotations
 from toklip.data.samples import SkippedSample, open_image
-from toklip.data import synthetic
 from toklip.data.synthetic import COLOURS, SyntheticConfig
 from toklip.data.transforms import eval_transform, preprocess_config
 
@@ -371,7 +370,9 @@ def test_synthetic_set_is_deterministic_and_consistent(tmp_path):
     assert len(members) == 14 * 3  # samples 16..29, as jpg + txt + json
     meta = json.loads(members["000000016.json"])
     assert meta["caption"] == members["000000016.txt"].decode()
-    assert all(s["colour"] in meta["caption"] and ("shape" if s["generic"] else s["shape"]) in meta["caption"] for s in meta["scene"]["shapes"])
+    assert all(
+        s["colour"] in meta["caption"] and ("shape" if s["generic"] else s["shape"]) in meta["caption"] for s in meta["scene"]["shapes"]
+    )
     assert Image.open(io.BytesIO(members["000000016.jpg"])).size == (64, 64)
 
     zeroshot = ZeroShotSet(a.zeroshot, eval_transform(preprocess_config(64)))

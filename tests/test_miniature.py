@@ -19,7 +19,9 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # Outside any Hydra app: the library composes the stages' configs itself.
     stage_overrides = ",".join(f"'{o}'" for o in REDUCED)
-    cfg = toklip.compose_config("demo", [f"stage_overrides=[{stage_overrides}]", "report_images=4", "seed=7", f"paths.data_dir={tmp_path / 'scenes'}"])
+    cfg = toklip.compose_config(
+        "demo", [f"stage_overrides=[{stage_overrides}]", "report_images=4", "seed=7", f"paths.data_dir={tmp_path / 'scenes'}"]
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "demo")
     summary = run_demo(cfg)

@@ -188,8 +188,10 @@ def test_teacher_init_report(tmp_path):
     student = toklip.build_toklip("tiny_64")
     report = toklip.init_from_teacher(student, teacher_state)
     assert report.left_at_init == [
-        "visual.trunk.vq_mapping.bias", "visual.trunk.vq_mapping.weight",
-        "visual.trunk.vq_table.bias", "visual.trunk.vq_table.weight",
+        "visual.trunk.vq_mapping.bias",
+        "visual.trunk.vq_mapping.weight",
+        "visual.trunk.vq_table.bias",
+        "visual.trunk.vq_table.weight",
     ]
     assert sorted(k for k, _ in report.skipped) == ["visual.trunk.patch_embed.proj.bias", "visual.trunk.patch_embed.proj.weight"]
     assert "logit_scale" in report.copied and "text.token_embedding.weight" in report.copied

@@ -20,7 +20,6 @@ from toklip.checkpoints import CheckpointError
 from toklip.losses import LossSettings
 from toklip.training import AdamWCosine, ExportModel, TokLIPModule, param_groups, warmup_cosine
 
-
 OPTIM_KEYS = {f.name for f in dataclasses.fields(AdamWCosine)}
 LOSS_KEYS = {f.name for f in dataclasses.fields(LossSettings)}
 
@@ -50,7 +49,9 @@ def trainer(**options) -> L.Trainer:
 
 
 def datamodule(synthetic, **options) -> toklip.TokLIPDataModule:
-    defaults = dict(text_tokenizer=toklip.get_text_tokenizer("tiny_64"), image_size=64, train_num_samples=256, batch_size_per_device=8, num_workers=0)
+    defaults = dict(
+        text_tokenizer=toklip.get_text_tokenizer("tiny_64"), image_size=64, train_num_samples=256, batch_size_per_device=8, num_workers=0
+    )
     return toklip.TokLIPDataModule(synthetic.train_urls, **{**defaults, **options})
 
 
@@ -95,7 +96,9 @@ def test_parameter_groups_follow_the_release_rule(tiny_teacher_checkpoint):
     names = {id(p): n for n, p in named}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert {"logit_scale", "visual.trunk.vq_table.bias", "visual.trunk.norm.weight"} <= no_decay_names
-    assert {"visual.trunk.pos_embed", "visual.trunk.attn_pool.latent", "visual.trunk.vq_table.weight"} <= {names[id(p)] for p in decay["params"]}
+    assert {"visual.trunk.pos_embed", "visual.trunk.attn_pool.latent", "visual.trunk.vq_table.weight"} <= {
+        names[id(p)] for p in decay["params"]
+    }
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
     assert len(no_decay["params"]) + len(decay["params"]) == len(named)
     timm_no_decay = {names[id(p)] for p in param_groups(named, 0.1, rule="timm")[0]["params"]}
@@ -195,7 +198,8 @@ def test_two_process_ddp_step_equals_one_process_over_the_global_batch(tiny_teac
 def test_fsdp2_runs_two_steps_on_cpu(tiny_teacher_checkpoint, synthetic_set, tmp_path):
     """Lightning's ModelParallelStrategy re-launches the script, so this runs as its own program."""
     script = tmp_path / "fsdp2.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import lightning as L, toklip
         from lightning.pytorch.strategies import ModelParallelStrategy
         dm = toklip.TokLIPDataModule({synthetic_set.train_urls!r}, text_tokenizer=toklip.get_text_tokenizer("tiny_64"),
@@ -206,7 +210,8 @@ def test_fsdp2_runs_two_steps_on_cpu(tiny_teacher_checkpoint, synthetic_set, tmp
                       callbacks=[toklip.training.ExportModel({str(tmp_path)!r}, "fsdp2.safetensors")])
         t.fit(m, dm)
         print(f"rank {{t.global_rank}} steps {{t.global_step}} sharded {{type(m.model.visual.trunk.blocks[0].attn.qkv.weight).__name__}}")
-    """))
+    """)
+    )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0 steps 2 sharded DTensor" in done.stdout and "rank 1 steps 2 sharded DTensor" in done.stdout

@@ -10,7 +10,13 @@ from toklip.training import VQTrainingModule
 
 
 def perceptual_module(teacher_file, weight=1.0):
-    return VQTrainingModule("llamagen_tiny", perceptual_weight=weight, perceptual_teacher="tiny_teacher_64", perceptual_teacher_checkpoint=str(teacher_file), optim={"total_steps": 10})
+    return VQTrainingModule(
+        "llamagen_tiny",
+        perceptual_weight=weight,
+        perceptual_teacher="tiny_teacher_64",
+        perceptual_teacher_checkpoint=str(teacher_file),
+        optim={"total_steps": 10},
+    )
 
 
 def test_without_a_teacher_the_loss_has_the_three_vq_terms(images):

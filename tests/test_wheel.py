@@ -5,6 +5,7 @@ dependencies through a path line to this environment's site-packages (no downloa
 toklip: a path line does not run that directory's .pth hooks).
 """
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,7 +26,11 @@ def _run(*args, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
 def wheel_venv(tmp_path_factory) -> Path:
     """The bin/ of a fresh venv with toklip installed from a wheel built from this checkout."""
     root = tmp_path_factory.mktemp("wheel")
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", root / "dist", REPO, cwd=root)
+    source = root / "source"  # a copy, so that the build leaves nothing in the checkout
+    shutil.copytree(REPO / "toklip", source / "toklip", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", root / "dist", source, cwd=root)
     (wheel,) = (root / "dist").glob("toklip-*.whl")
     _run(sys.executable, "-m", "venv", root / "venv", cwd=root)
     python = root / "venv" / "bin" / "python"

@@ -85,9 +85,7 @@ def read_checkpoint(
 
 
 def _foreign_globals(path: Path, allowed: list[Any]) -> list[str]:
-    allowed_names = {
-        entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}" for entry in allowed
-    }
+    allowed_names = {entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}" for entry in allowed}
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # a legacy (non-zip) file: the unpickling error itself is the message

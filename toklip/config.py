@@ -69,7 +69,7 @@ if not OmegaConf.has_resolver("toklip_run_id"):
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:
     """Keys whose value is ??? (interpolations to them are not followed: they are named at the source)."""
     if isinstance(node, DictConfig):
-        items = ((key, node._get_node(key)) for key in node.keys())
+        items = ((key, node._get_node(key)) for key in node)
     elif isinstance(node, ListConfig):
         items = ((index, node._get_node(index)) for index in range(len(node)))
     else:
@@ -89,6 +89,5 @@ def check_required(cfg: DictConfig) -> None:
     missing = sorted(key for key in _missing_keys(cfg) if not key.startswith("hydra."))
     if missing:
         raise ValueError(
-            f"required configuration keys are not set: {', '.join(missing)} "
-            f"(set them on the command line, e.g. {missing[0]}=...)"
+            f"required configuration keys are not set: {', '.join(missing)} (set them on the command line, e.g. {missing[0]}=...)"
         )

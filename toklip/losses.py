@@ -24,7 +24,6 @@ from torch import nn
 
 from .distributed import rank_and_world
 
-
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's bound: logit_scale is clamped to [0, ln 100]
 
 

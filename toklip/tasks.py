@@ -124,7 +124,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = load_model(cfg)
     eval_sets = build_eval_sets(sets_cfg, eval_transform(model.preprocess_cfg))
     tokenizer = get_text_tokenizer_for(model.text_spec, cfg.text.tokenizer_path)
-    results = evaluate_model(model, eval_sets, tokenizer, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=resolve_device(cfg.device))
+    results = evaluate_model(
+        model, eval_sets, tokenizer, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=resolve_device(cfg.device)
+    )
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": cfg.checkpoint, "results": results}, indent=2) + "\n")

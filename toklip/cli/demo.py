@@ -1,7 +1,7 @@
 """toklip-demo: the CPU miniature, end to end (`make demo`).
 
-    toklip-demo                                   # stages, evaluation, report under runs/demo/<time>/
-    toklip-demo 'stage_overrides=["trainer.max_steps=20"]'   # a quicker, rougher run
+toklip-demo                                   # stages, evaluation, report under runs/demo/<time>/
+toklip-demo 'stage_overrides=["trainer.max_steps=20"]'   # a quicker, rougher run
 """
 
 from __future__ import annotations

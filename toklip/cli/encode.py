@@ -1,7 +1,7 @@
 """toklip-encode: images (a folder or shards) -> VQ indices, per-token features, embeddings.
 
-    toklip-encode experiment=tiny checkpoint=runs/train/a/toklip.safetensors input=photos/ output=encoded/
-    toklip-encode checkpoint=TokLIP_S_256.pt released_preset=toklip_s_256 input='/data/{000..009}.tar' format=safetensors
+toklip-encode experiment=tiny checkpoint=runs/train/a/toklip.safetensors input=photos/ output=encoded/
+toklip-encode checkpoint=TokLIP_S_256.pt released_preset=toklip_s_256 input='/data/{000..009}.tar' format=safetensors
 """
 
 from __future__ import annotations

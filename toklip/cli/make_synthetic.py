@@ -1,6 +1,6 @@
 """toklip-make-synthetic: write the synthetic-scene shards and evaluation sets.
 
-    toklip-make-synthetic out=data/synthetic train_samples=20000 image_size=64 seed=0
+toklip-make-synthetic out=data/synthetic train_samples=20000 image_size=64 seed=0
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """toklip-train: train a TokLIP model (or a teacher, or a VQ tokenizer) from toklip/conf/train.yaml.
 
-    toklip-train experiment=tiny teacher.checkpoint=weights/tiny_teacher.safetensors trainer.max_steps=100
-    toklip-train -m experiment=tiny teacher.checkpoint=... optim.lr=3e-4,1e-3
+toklip-train experiment=tiny teacher.checkpoint=weights/tiny_teacher.safetensors trainer.max_steps=100
+toklip-train -m experiment=tiny teacher.checkpoint=... optim.lr=3e-4,1e-3
 """
 
 from __future__ import annotations

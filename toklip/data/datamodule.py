@@ -15,7 +15,7 @@ from ..distributed import rank_and_world
 from .eval_sets import EvalSet, build_eval_sets
 from .samples import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SampleDecoder
 from .sources import resolve_sources
-from .stream import COUNTERS, REFERENCE_SAMPLE_SHUFFLE, REFERENCE_SHARD_SHUFFLE, STREAM_HEAD, ResumePoint, SharedEpoch, ShardStream
+from .stream import COUNTERS, REFERENCE_SAMPLE_SHUFFLE, REFERENCE_SHARD_SHUFFLE, STREAM_HEAD, ResumePoint, ShardStream, SharedEpoch
 from .transforms import TRAIN_CROP_SCALE, eval_transform, preprocess_config, train_transform
 
 log = logging.getLogger(__name__)

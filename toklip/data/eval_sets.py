@@ -119,7 +119,7 @@ def read_retrieval_annotations(path: str | Path, split: str = "test") -> list[tu
             captions = record["caption"]
             entries.append((record["filename"], [captions] if isinstance(captions, str) else list(captions)))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{number}: expected {{\"filename\": ..., \"caption\": [...]}} ({err})") from None
+            raise ValueError(f'{path}:{number}: expected {{"filename": ..., "caption": [...]}} ({err})') from None
     if not entries:
         raise ValueError(f"{path}: no annotations")
     return entries

@@ -197,7 +197,9 @@ class ShardStream(IterableDataset):
         # A partial last batch is dropped, as in the reference.
 
     @staticmethod
-    def _collate(batch: list[tuple[torch.Tensor, torch.Tensor]], head: tuple[int, int, int], counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    def _collate(
+        batch: list[tuple[torch.Tensor, torch.Tensor]], head: tuple[int, int, int], counts: Mapping[str, int]
+    ) -> dict[str, torch.Tensor]:
         images, texts = zip(*batch)
         stream = torch.tensor([*head, *(counts[c] for c in COUNTERS)], dtype=torch.int64)
         return {"image": torch.stack(images), "text": torch.stack(texts), "stream": stream}

@@ -49,6 +49,8 @@ POSITIONS = {  # centre as fractions of the image side, and how a caption says i
 ATTRIBUTES = ("size", "colour", "shape")  # the order a noun phrase names them in
 GENERIC_NOUN = "shape"
 GENERIC_NOUN_RATE = 0.2
+
+
 # Prompts in the captions' own grammar (as CLIP's ImageNet templates echo web alt-text), one per
 # value of each attribute the classes leave free: those are averaged out of a class embedding.
 def zeroshot_templates(class_attributes: tuple[str, ...]) -> list[str]:
@@ -60,6 +62,8 @@ def zeroshot_templates(class_attributes: tuple[str, ...]) -> list[str]:
     if "background" not in class_attributes:
         templates += [f"a {{}} on a {background} background" for background in sorted(BACKGROUNDS)]
     return templates
+
+
 _SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges
 
 
@@ -115,7 +119,10 @@ def _outline(shape: str, cx: float, cy: float, r: float, turn: float) -> list[tu
 
     def ring(n: int, radius_at, offset: float) -> list[tuple[float, float]]:
         return [
-            (cx + radius_at(i) * math.cos(offset + turn + 2 * math.pi * i / n), cy + radius_at(i) * math.sin(offset + turn + 2 * math.pi * i / n))
+            (
+                cx + radius_at(i) * math.cos(offset + turn + 2 * math.pi * i / n),
+                cy + radius_at(i) * math.sin(offset + turn + 2 * math.pi * i / n),
+            )
             for i in range(n)
         ]
 
@@ -204,7 +211,13 @@ def _paths(root: Path, cfg: SyntheticConfig) -> SyntheticPaths:
 
 def zeroshot_classes(attributes: tuple[str, ...]) -> list[dict[str, str]]:
     """Every combination of the named attributes' values, as {attribute: value} dicts."""
-    values = {"shape": SHAPES, "colour": sorted(COLOURS), "size": sorted(SIZES), "position": list(POSITIONS), "background": sorted(BACKGROUNDS)}
+    values = {
+        "shape": SHAPES,
+        "colour": sorted(COLOURS),
+        "size": sorted(SIZES),
+        "position": list(POSITIONS),
+        "background": sorted(BACKGROUNDS),
+    }
     unknown = set(attributes) - set(values)
     if unknown:
         raise ValueError(f"unknown zero-shot attribute(s) {sorted(unknown)}; choose from {sorted(values)}")

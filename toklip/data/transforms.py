@@ -27,11 +27,18 @@ def preprocess_config(
 def train_transform(cfg: PreprocessCfg, crop_scale: Sequence[float] = TRAIN_CROP_SCALE) -> Transform:
     """RandomResizedCrop(scale, bicubic) -> tensor -> normalise."""
     return image_transform(
-        cfg.size, is_train=True, mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, aug_cfg=AugmentationCfg(scale=tuple(crop_scale))
+        cfg.size,
+        is_train=True,
+        mean=cfg.mean,
+        std=cfg.std,
+        interpolation=cfg.interpolation,
+        aug_cfg=AugmentationCfg(scale=tuple(crop_scale)),
     )
 
 
 def eval_transform(cfg: PreprocessCfg) -> Transform:
     """`squash` resizes to SxS (the release's in-training validation); `shortest` resizes the
     shortest side and centre-crops (its evaluation scripts)."""
-    return image_transform(cfg.size, is_train=False, mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, resize_mode=cfg.resize_mode)
+    return image_transform(
+        cfg.size, is_train=False, mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, resize_mode=cfg.resize_mode
+    )

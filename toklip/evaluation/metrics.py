@@ -28,15 +28,21 @@ RECALL_AT = (1, 5, 10)
 
 
 @torch.no_grad()
-def zeroshot_classifier(model, tokenizer: Callable[[list[str]], torch.Tensor], dataset: ZeroShotSet, device: torch.device | str) -> torch.Tensor:
+def zeroshot_classifier(
+    model, tokenizer: Callable[[list[str]], torch.Tensor], dataset: ZeroShotSet, device: torch.device | str
+) -> torch.Tensor:
     """(D, classes) class embeddings from the dataset's classnames x templates, through the text tower."""
     return build_zero_shot_classifier(model, tokenizer, dataset.classnames, dataset.templates, num_classes_per_batch=10, device=device)
 
 
 @torch.no_grad()
-def encode_texts(model, tokenizer: Callable[[list[str]], torch.Tensor], texts: Sequence[str], device, batch_size: int = 256) -> torch.Tensor:
+def encode_texts(
+    model, tokenizer: Callable[[list[str]], torch.Tensor], texts: Sequence[str], device, batch_size: int = 256
+) -> torch.Tensor:
     """Normalised text embeddings (N, D), in batches."""
-    chunks = [model.encode_text(tokenizer(list(texts[i : i + batch_size])).to(device), normalize=True) for i in range(0, len(texts), batch_size)]
+    chunks = [
+        model.encode_text(tokenizer(list(texts[i : i + batch_size])).to(device), normalize=True) for i in range(0, len(texts), batch_size)
+    ]
     return torch.cat(chunks)
 
 

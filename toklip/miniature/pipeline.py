@@ -87,7 +87,10 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     results = evaluate_all(out, last_cfg)
     seconds["total"] = time.perf_counter() - start
     report = write_report(out, results, seconds, cfg.report_images)
-    summary = {k: v for k, v in results.items() if k != "vq"} | {"vq": {k: v for k, v in results["vq"].items() if k != "examples"}, "seconds": seconds}
+    summary = {k: v for k, v in results.items() if k != "vq"} | {
+        "vq": {k: v for k, v in results["vq"].items() if k != "examples"},
+        "seconds": seconds,
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(report.read_text().split("## Plots")[0])
     return summary

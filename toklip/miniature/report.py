@@ -79,9 +79,24 @@ def target_rows(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     chance = 1 / results["classes"]
     teacher, toklip, vq = results["teacher"]["zeroshot/top1"], results["toklip"]["zeroshot/top1"], results["vq"]["psnr"]
     return [
-        ("teacher zero-shot top-1", f"{teacher:.1%} ({teacher / chance:.1f}x chance)", f">= {TEACHER_TIMES_CHANCE:.0f}x chance", teacher >= TEACHER_TIMES_CHANCE * chance),
-        ("TokLIP zero-shot top-1", f"{toklip:.1%} ({toklip / chance:.1f}x chance)", f">= {TOKLIP_TIMES_CHANCE:.0f}x chance", toklip >= TOKLIP_TIMES_CHANCE * chance),
-        ("TokLIP / teacher", f"{toklip / max(teacher, 1e-9):.0%}", f">= {TOKLIP_SHARE_OF_TEACHER:.0%}", toklip >= TOKLIP_SHARE_OF_TEACHER * teacher),
+        (
+            "teacher zero-shot top-1",
+            f"{teacher:.1%} ({teacher / chance:.1f}x chance)",
+            f">= {TEACHER_TIMES_CHANCE:.0f}x chance",
+            teacher >= TEACHER_TIMES_CHANCE * chance,
+        ),
+        (
+            "TokLIP zero-shot top-1",
+            f"{toklip:.1%} ({toklip / chance:.1f}x chance)",
+            f">= {TOKLIP_TIMES_CHANCE:.0f}x chance",
+            toklip >= TOKLIP_TIMES_CHANCE * chance,
+        ),
+        (
+            "TokLIP / teacher",
+            f"{toklip / max(teacher, 1e-9):.0%}",
+            f">= {TOKLIP_SHARE_OF_TEACHER:.0%}",
+            toklip >= TOKLIP_SHARE_OF_TEACHER * teacher,
+        ),
         ("VQ reconstruction PSNR", f"{vq:.1f} dB", f">= {MIN_PSNR_DB:.0f} dB", vq >= MIN_PSNR_DB),
     ]
 

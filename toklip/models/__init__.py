@@ -8,7 +8,20 @@ from .token_encoder import TokenEncoder
 from .toklip import TokLIP
 
 __all__ = [
-    "BACKBONES", "BackboneSpec", "InitReport", "Preset", "Teacher", "TokLIP", "TokenEncoder",
-    "available_presets", "backbone_spec", "build_toklip", "build_toklip_encoder", "get_text_tokenizer", "init_from_teacher",
-    "load_toklip", "preset", "read_toklip_state_dict",
+    "BACKBONES",
+    "BackboneSpec",
+    "InitReport",
+    "Preset",
+    "Teacher",
+    "TokLIP",
+    "TokenEncoder",
+    "available_presets",
+    "backbone_spec",
+    "build_toklip",
+    "build_toklip_encoder",
+    "get_text_tokenizer",
+    "init_from_teacher",
+    "load_toklip",
+    "preset",
+    "read_toklip_state_dict",
 ]

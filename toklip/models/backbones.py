@@ -50,8 +50,15 @@ def _tiny_vit(name: str, img_size: int, patch_size: int, pretrained: bool, kwarg
         raise ValueError(f"{name} has no pretrained weights; train one (see the miniature)")
     spec = BACKBONES["tiny"]
     args = dict(
-        img_size=img_size, patch_size=patch_size, embed_dim=spec.width, depth=spec.depth, num_heads=spec.heads,
-        mlp_ratio=spec.mlp_ratio, class_token=False, global_pool="map", act_layer="gelu_tanh",
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=spec.width,
+        depth=spec.depth,
+        num_heads=spec.heads,
+        mlp_ratio=spec.mlp_ratio,
+        class_token=False,
+        global_pool="map",
+        act_layer="gelu_tanh",
     )
     kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
     return VisionTransformer(**{**args, **kwargs})

@@ -50,7 +50,9 @@ def build_toklip(
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Preset)}
     if unknown:
         raise TypeError(f"unknown override(s) for preset {name!r}: {', '.join(sorted(unknown))}")
-    return build_toklip_from(dataclasses.replace(preset_of(name), **overrides), tokenizer_checkpoint=tokenizer_checkpoint, init_logit_bias=init_logit_bias)
+    return build_toklip_from(
+        dataclasses.replace(preset_of(name), **overrides), tokenizer_checkpoint=tokenizer_checkpoint, init_logit_bias=init_logit_bias
+    )
 
 
 def build_toklip_from(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 

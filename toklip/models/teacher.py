@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import CheckpointError, StateDict, describe_source, find_state_dict, load_state_dict_strict, read_checkpoint, strip_prefix
+from ..checkpoints import (
+    CheckpointError,
+    StateDict,
+    describe_source,
+    find_state_dict,
+    load_state_dict_strict,
+    read_checkpoint,
+    strip_prefix,
+)
 from .backbones import BACKBONES
 from .text import text_config
 

@@ -52,8 +52,7 @@ def get_text_tokenizer_for(text: str | dict[str, Any], tokenizer_path: str | os.
         import transformers  # noqa: F401
     except ImportError:
         raise ImportError(
-            f"the {hf_name} text tokenizer needs the `transformers` and `sentencepiece` packages: "
-            "pip install 'toklip[siglip]'"
+            f"the {hf_name} text tokenizer needs the `transformers` and `sentencepiece` packages: pip install 'toklip[siglip]'"
         ) from None
     source = str(tokenizer_path) if tokenizer_path is not None else hf_name
     try:

@@ -81,10 +81,7 @@ class VQTokenizer(nn.Module):
         """Token grid (h, w) for an image size (an int means a square image)."""
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         if height % self.downsample or width % self.downsample:
-            raise ValueError(
-                f"image size {height}x{width} is not a multiple of the tokenizer's downsample factor "
-                f"{self.downsample}"
-            )
+            raise ValueError(f"image size {height}x{width} is not a multiple of the tokenizer's downsample factor {self.downsample}")
         return height // self.downsample, width // self.downsample
 
     def _freeze(self) -> None:

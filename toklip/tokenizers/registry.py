@@ -47,9 +47,7 @@ def tokenizer_spec(name: str) -> TokenizerSpec:
         raise KeyError(f"unknown tokenizer {name!r}; available: {', '.join(available_tokenizers())}") from None
 
 
-def build_tokenizer(
-    name: str, checkpoint: str | os.PathLike | None = None, *, source: str | None = None, **overrides: Any
-) -> ConvVQModel:
+def build_tokenizer(name: str, checkpoint: str | os.PathLike | None = None, *, source: str | None = None, **overrides: Any) -> ConvVQModel:
     """A frozen tokenizer by name, with random weights or strictly loaded from `checkpoint`.
 
     `overrides` replace fields of the named config (e.g. `codebook_size=1024`); `source` names the

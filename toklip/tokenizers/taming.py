@@ -38,8 +38,13 @@ def taming_to_llamagen_keys(state_dict: StateDict, config: ConvVQConfig) -> tupl
 
 def _taming(codebook_size: int, code_dim: int, channel_mult: tuple[int, ...], z_channels: int, **sizes) -> TokenizerSpec:
     config = ConvVQConfig(
-        codebook_size=codebook_size, code_dim=code_dim, l2_normalized=False, track_usage=False,
-        channel_mult=channel_mult, z_channels=z_channels, **sizes,
+        codebook_size=codebook_size,
+        code_dim=code_dim,
+        l2_normalized=False,
+        track_usage=False,
+        channel_mult=channel_mult,
+        z_channels=z_channels,
+        **sizes,
     )
     return TokenizerSpec(config=config, convert_keys=taming_to_llamagen_keys)
 
@@ -49,6 +54,4 @@ register_tokenizer("taming_f16_16384", _taming(16384, 256, _F16, 256))
 register_tokenizer("taming_f16_1024", _taming(1024, 256, _F16, 256))
 register_tokenizer("taming_f8_16384", _taming(16384, 4, _F8, 4))
 register_tokenizer("taming_f8_256", _taming(256, 4, _F8, 4))
-register_tokenizer(
-    "taming_tiny", _taming(256, 32, (1, 1, 2, 2), 64, base_channels=32, encoder_res_blocks=1)
-)
+register_tokenizer("taming_tiny", _taming(256, 32, (1, 1, 2, 2), 64, base_channels=32, encoder_res_blocks=1))

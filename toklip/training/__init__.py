@@ -7,5 +7,12 @@ from .optim import AdamWCosine, param_groups, warmup_cosine
 from .vq import VQTrainingModule
 
 __all__ = [
-    "AdamWCosine", "CLIPTrainingModule", "ExportModel", "ExportableModule", "TokLIPModule", "VQTrainingModule", "param_groups", "warmup_cosine",
+    "AdamWCosine",
+    "CLIPTrainingModule",
+    "ExportModel",
+    "ExportableModule",
+    "TokLIPModule",
+    "VQTrainingModule",
+    "param_groups",
+    "warmup_cosine",
 ]

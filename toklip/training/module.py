@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -95,7 +93,9 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         if self.teacher is None and (losses.distill_weight or losses.token_distill_weight):
             raise ValueError("distillation needs a teacher: set teacher.model (an open_clip model) or loss.distill_weight=0")
         self.contrastive = losses.contrastive_loss()
-        self.distill = DistillLoss(losses.distill_weight, losses.distill_form, losses.token_distill_weight) if self.teacher is not None else None
+        self.distill = (
+            DistillLoss(losses.distill_weight, losses.distill_form, losses.token_distill_weight) if self.teacher is not None else None
+        )
         self.model.visual.trunk.gradient_checkpointing = gradient_checkpointing
         if compile_blocks:
             for block in self.model.visual.trunk.blocks:
@@ -206,7 +206,11 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         """The trainable weights, plus any frozen part that has no file to be re-read from (a random VQ
         or, without a teacher, a random text tower)."""
         keys = {f"model.{name}" for name in self.model.trainable_parameters()}
-        sourceless = [prefix for prefix, source in (("model.visual.trunk.vq.", self.tokenizer_cfg["checkpoint"]), ("model.text.", self.teacher)) if source is None]
+        sourceless = [
+            prefix
+            for prefix, source in (("model.visual.trunk.vq.", self.tokenizer_cfg["checkpoint"]), ("model.text.", self.teacher))
+            if source is None
+        ]
         keys |= {key for key in self.state_dict() if key.startswith(tuple(sourceless))} if sourceless else set()
         return keys
 

@@ -12,7 +12,6 @@ import torch
 from hydra.core.config_store import ConfigStore
 from torch import nn
 
-
 # timm's rule also exempts these (by name) from weight decay, besides every tensor of ndim <= 1.
 TIMM_NO_DECAY_NAMES = ("visual.trunk.pos_embed", "visual.trunk.attn_pool.latent", "logit_scale", "logit_bias")
 

@@ -29,7 +29,6 @@ from ..tokenizers import build_tokenizer
 from .callbacks import ExportableModule
 from .optim import AdamWCosine
 
-
 _TEACHER_PREFIX = "perceptual_teacher."
 
 
@@ -63,7 +62,9 @@ class VQTrainingModule(ExportableModule, L.LightningModule):
         if weight < 0:
             raise ValueError(f"perceptual_weight must be >= 0, got {weight}")
         if (weight > 0) != (model is not None):
-            raise ValueError(f"perceptual_weight={weight} and perceptual_teacher={model!r}: a perceptual term needs both a weight and a teacher, or neither")
+            raise ValueError(
+                f"perceptual_weight={weight} and perceptual_teacher={model!r}: a perceptual term needs both a weight and a teacher, or neither"
+            )
         if model is None:
             return None
         return Teacher(model, teacher_state_dict(model, checkpoint, source="perceptual_teacher_checkpoint"))
@@ -91,7 +92,9 @@ class VQTrainingModule(ExportableModule, L.LightningModule):
         if self.perceptual_teacher is not None:
             with torch.no_grad():
                 target = self.perceptual_teacher.patch_tokens(images)
-            losses["perceptual"] = self.hparams.perceptual_weight * F.mse_loss(self.perceptual_teacher.patch_tokens(out["reconstruction"]), target)
+            losses["perceptual"] = self.hparams.perceptual_weight * F.mse_loss(
+                self.perceptual_teacher.patch_tokens(out["reconstruction"]), target
+            )
         return losses, out
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
