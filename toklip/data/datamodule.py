@@ -132,6 +132,7 @@ class TokLIPDataModule(L.LightningDataModule):
         return math.ceil(math.ceil(self.train_num_samples / global_batch) / workers) * workers
 
     def train_stream(self, rank: int = 0, world_size: int = 1) -> ShardStream:
+        """The training stream of one rank (what its loader's workers iterate)."""
         if not self.train_urls:
             raise ValueError("data.train_urls is required for training: a shard pattern such as /data/cc12m/{00000..01242}.tar")
         decoder = SampleDecoder(train_transform(self.preprocess, self.crop_scale), self.text_tokenizer, self.max_image_pixels)
@@ -156,6 +157,7 @@ class TokLIPDataModule(L.LightningDataModule):
         return self.train_loader(*rank_and_world())
 
     def train_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The training loader of one rank, outside a Trainer (benchmarks, tests, your own loop)."""
         return _EpochLoader(self.train_stream(rank, world_size), self._current_epoch, num_workers=self.num_workers, **self.loader_options)
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -55,10 +55,12 @@ class TokLIP(nn.Module):
 
     @property
     def tokenizer(self) -> VQTokenizer:
+        """The frozen VQ tokenizer whose codes the trunk reads."""
         return self.visual.trunk.vq
 
     @property
     def embed_dim(self) -> int:
+        """Width of the image and text embeddings (the trunk's width: there is no projection)."""
         return self.visual.trunk.spec.width
 
     @property
@@ -68,6 +70,7 @@ class TokLIP(nn.Module):
 
     @property
     def context_length(self) -> int:
+        """Tokens a caption is padded or cut to."""
         return self.text.context_length
 
     def _maybe_normalize(self, x: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -78,6 +81,7 @@ class TokLIP(nn.Module):
         return self.visual.trunk.features_from_codes(self.tokenizer.encode(images).codes)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> image embeddings (B, D), L2-normalised with `normalize`."""
         return self._maybe_normalize(self.visual(images), normalize)
 
     def encode_indices(self, indices: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -87,6 +91,7 @@ class TokLIP(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Token ids (B, L) from the model's text tokenizer -> text embeddings (B, D) (the frozen tower)."""
         return self._maybe_normalize(self.text(tokens), normalize)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, return_tokens: bool = False) -> dict[str, torch.Tensor | None]:

@@ -63,14 +63,17 @@ class VQTokenizer(nn.Module):
 
     @property
     def codebook_size(self) -> int:
+        """Number of codes (indices lie in [0, codebook_size))."""
         return self._codebook_size
 
     @property
     def code_dim(self) -> int:
+        """Width C of a code vector."""
         return self._code_dim
 
     @property
     def downsample(self) -> int:
+        """Pixels per token along each side."""
         return self._downsample
 
     @property
@@ -93,12 +96,15 @@ class VQTokenizer(nn.Module):
         return super().train(False)
 
     def latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> pre-quantisation latents (B, C, h, w)."""
         raise NotImplementedError
 
     def codebook(self) -> torch.Tensor:
+        """The (codebook_size, C) vectors the search and `lookup` use (unit-norm where `l2_normalized`)."""
         raise NotImplementedError
 
     def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code vectors (B, C, h, w) -> images (B, 3, H, W), roughly in [-1, 1]."""
         raise NotImplementedError
 
     def _check_images(self, images: torch.Tensor) -> None:

@@ -31,12 +31,14 @@ _TOKENIZERS: dict[str, TokenizerSpec] = {}
 
 
 def register_tokenizer(name: str, spec: TokenizerSpec) -> None:
+    """Make `spec` buildable by `name`; a name is registered once."""
     if name in _TOKENIZERS:
         raise ValueError(f"tokenizer {name!r} is already registered")
     _TOKENIZERS[name] = spec
 
 
 def available_tokenizers() -> list[str]:
+    """The names `build_tokenizer` accepts."""
     return sorted(_TOKENIZERS)
 
 
