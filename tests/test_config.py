@@ -2,6 +2,7 @@
 and the console tools run from the shell (train, a sweep, eval, encode) and from Python."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,11 @@ SMALL_RUN = ("experiment=tiny", "data.synthetic.train_samples=256", "data.synthe
              "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "data.batch_size_per_device=8")  # fmt: skip
 
 
+def warnings_in(stderr: str) -> list[str]:
+    """The lines of Python warnings (`path.py:line: message`)."""
+    return re.findall(r"^.*\.py:\d+: .*$", stderr, flags=re.MULTILINE)
+
+
 def test_unknown_option_lists_the_valid_ones(tmp_path):
     done = toklip_tool("toklip-train", "trainer=gpus", cwd=tmp_path)
     assert done.returncode != 0 and "Available options" in done.stderr and "ddp_cpu" in done.stderr
@@ -95,6 +101,7 @@ def test_train_from_the_shell_then_resume_eval_and_encode(tiny_teacher_checkpoin
     run = [*SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "run_name=first"]
     done = toklip_tool("toklip-train", *run, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not warnings_in(done.stderr)  # a run prints no warning it means to trigger
     run_dir = tmp_path / "runs" / "train" / "first"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"train/loss", "val/zeroshot/top1", "val/retrieval/t2i_R@1"} <= set(metrics)
@@ -102,7 +109,11 @@ def test_train_from_the_shell_then_resume_eval_and_encode(tiny_teacher_checkpoin
 
     resumed = toklip_tool("toklip-train", *run, "trainer.max_steps=3", "resume=latest", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr and torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert not warnings_in(resumed.stderr)
+    assert (
+        "resuming from" in resumed.stdout + resumed.stderr
+        and torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    )
 
     evaluated = toklip_tool("toklip-eval", *SMALL_RUN, f"checkpoint={run_dir / 'toklip.safetensors'}", "run_name=ev", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

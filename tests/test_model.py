@@ -242,3 +242,11 @@ def test_teacher_weights_are_found_in_an_existing_hf_cache(tmp_path):
     (snapshot / "open_clip_model.safetensors").write_bytes(b"")
     found = find_teacher_weights("ViT-SO400M-16-SigLIP2-256", None, cache_dir=tmp_path)
     assert found == snapshot / "open_clip_model.safetensors"
+
+
+def test_toklips_timm_models_carry_its_prefix():
+    import timm
+
+    ours = set(timm.list_models("*tiny_patch*_siglip_*"))
+    assert {"toklip_vit_tiny_patch8_siglip_64", "toklip_vit_tiny_patch4_siglip_32"} <= ours
+    assert all(name.startswith("toklip_") for name in ours)  # nothing that could pass for one of timm's own

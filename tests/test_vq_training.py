@@ -110,3 +110,13 @@ def test_ddp_ranks_restart_the_same_codes_to_the_same_vectors(tmp_path, free_por
     for r in ranks:
         assert torch.equal(r["dead"], _unused(used_anywhere, 1024))
     assert torch.equal(ranks[0]["codebook"], ranks[1]["codebook"])
+
+
+def test_the_vq_trains_in_train_mode_and_its_teacher_stays_frozen(tiny_teacher_checkpoint):
+    m = perceptual_module(tiny_teacher_checkpoint)
+    assert m.vq.training and all(module.training for module in m.vq.modules())  # Lightning keeps the modes it finds
+    assert not m.perceptual_teacher.training
+    m.eval()
+    assert not m.vq.training
+    m.train()
+    assert m.vq.training and not m.perceptual_teacher.training

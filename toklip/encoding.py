@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from tqdm.auto import tqdm
-from webdataset.tariterators import tarfile_samples
 
 from .checkpoints import save_safetensors
 from .data.samples import IMAGE_EXTENSIONS, SkippedSample, open_image
-from .data.sources import resolve_sources
+from .data.sources import resolve_sources, tar_samples
 from .data.transforms import eval_transform
 from .models.toklip import TokLIP
 
@@ -46,7 +45,7 @@ def iter_images(source: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
             yield str(path.relative_to(folder).with_suffix("")), path.read_bytes()
         return
     urls = [url for s in resolve_sources(str(source)) for url in s.urls]
-    for sample in tarfile_samples([{"url": url} for url in urls]):
+    for sample in tar_samples({"url": url} for url in urls):
         data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if data is None:
             log.warning("sample %s of %s has no image; skipped", sample["__key__"], sample["__url__"])

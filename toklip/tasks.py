@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +49,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(data_cfg, _convert_="all")
     module = instantiate(cfg.model, _convert_="all")
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), _convert_="all")
-    trainer.fit(module, datamodule, ckpt_path=resume_checkpoint(cfg), weights_only=True)
+    # No evaluation sets: no validation loop (Lightning would otherwise run, and warn about, an empty one).
+    no_validation = {"limit_val_batches": 0} if not data_cfg.get("eval_sets") else {}
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), _convert_="all", **no_validation)
+    ckpt_path = resume_checkpoint(cfg)
+    if ckpt_path is not None:  # a resumed run writes on into its own checkpoint directory, on purpose
+        checkpoint_dir = re.escape(os.path.realpath(Path(ckpt_path).parent))
+        warnings.filterwarnings("ignore", message=f"Checkpoint directory {checkpoint_dir} exists and is not empty", category=UserWarning)
+    trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from webdataset.handlers import reraise_exception
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://")
 
@@ -55,3 +58,21 @@ def resolve_sources(patterns: str | Sequence[str], weights: Sequence[float] | No
     if any(w <= 0 for w in weights):
         raise ValueError(f"source weights must be positive, got {list(weights)}")
     return [ShardSource(p, tuple(expand_pattern(p)), float(w)) for p, w in zip(patterns, weights)]
+
+
+def tar_samples(shards: Iterable[dict[str, str]], handler: Callable[[Exception], bool] = reraise_exception) -> Iterator[dict]:
+    """webdataset samples of the shards ({"url": ...} each), in order; `handler` decides on a read error.
+
+    webdataset's own `tarfile_samples` leaves each shard's file to the garbage collector: here it is
+    closed once read (or when the iteration stops). A `pipe:` command's exit status stays unchecked.
+    """
+
+    def closing(streams: Iterator[dict]) -> Iterator[dict]:
+        for source in streams:
+            try:
+                yield source
+            finally:
+                with contextlib.suppress(Exception):
+                    source["stream"].close()
+
+    return group_by_keys(tar_file_expander(closing(url_opener(shards, handler=handler)), handler=handler), handler=handler)

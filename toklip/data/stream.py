@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
-from webdataset.tariterators import tarfile_samples
 
 from .samples import SKIP_REASONS, SampleDecoder, SkippedSample
-from .sources import ShardSource
+from .sources import ShardSource, tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ class ShardStream(IterableDataset):
                 log.warning("shard %s is truncated or unreadable; the rest of it is skipped (%s)", current["url"], err)
             return True
 
-        samples = tarfile_samples(opened(), handler=on_shard_error)
+        samples = tar_samples(opened(), handler=on_shard_error)
         if self.sample_shuffle[0] > 1:
             rng = random.Random(self._stream_seed("samples", epoch, worker))
             samples = shuffle(*self.sample_shuffle, rng=rng)(samples)

@@ -1,5 +1,6 @@
 """Training: the TokLIP LightningModule, the miniature's teacher and VQ modules, optimiser, callbacks."""
 
+from . import known_warnings  # noqa: F401  (filters, on import)
 from .callbacks import ExportableModule, ExportModel
 from .clip_teacher import CLIPTrainingModule
 from .module import TokLIPModule

@@ -35,5 +35,7 @@ class EvalSetsValidation:
     def on_validation_epoch_end(self) -> None:
         for name in self._eval_sets():
             metric = self.eval_metrics[name]
-            self.log_dict({f"val/{name}/{key}": value for key, value in metric.compute().items()}, add_dataloader_idx=False)
+            # compute() has already reduced over ranks: sync_dist averages equal values (and keeps Lightning from warning)
+            values = {f"val/{name}/{key}": value for key, value in metric.compute().items()}
+            self.log_dict(values, add_dataloader_idx=False, sync_dist=True)
             metric.reset()

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..checkpoints import StateDict
 from ..config import settings_from_group
@@ -56,6 +57,13 @@ class VQTrainingModule(ExportableModule, L.LightningModule):
         self._step_codes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._val_codes: list[torch.Tensor] = []
         self._val_psnr: list[torch.Tensor] = []
+        self.train()  # Lightning keeps the modes modules are built in: the VQ is built frozen, in eval mode
+
+    def train(self, mode: bool = True) -> VQTrainingModule:
+        """The VQ follows `mode` (it is trained here, past VQTokenizer.train's eval pin); the teacher stays in eval."""
+        super().train(mode)
+        nn.Module.train(self.vq, mode)
+        return self
 
     @staticmethod
     def _build_perceptual_teacher(weight: float, model: str | None, checkpoint: str | None) -> Teacher | None:

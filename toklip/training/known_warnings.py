@@ -1,0 +1,26 @@
+"""Warnings that every toklip run would print about choices it makes on purpose, silenced with the reason.
+
+Each filter matches one message, as narrowly as its text allows; the warnings that point at a real
+problem were fixed where they arose instead (the VQ stage trained in eval mode, unclosed shard files,
+validation of no evaluation sets, per-rank validation logs).
+"""
+
+import warnings
+
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+# The frozen VQ, text tower and teacher (and the VQ stage's perceptual teacher) stay in eval mode by design.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training", category=PossibleUserWarning)
+# ShardStream splits its shards by rank and worker itself and caps each worker's batches, so its __len__ holds.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
+# A mid-epoch resume is exact: TokLIPDataModule.state_dict / load_state_dict carry the stream's position.
+warnings.filterwarnings(
+    "ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended", category=PossibleUserWarning
+)
+# Lightning <= 2.6.6 calls torch's deprecated LeafSpec check (Lightning-AI/pytorch-lightning#21326): not ours to fix.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    category=FutureWarning,
+    module=r"lightning\.pytorch\.utilities\._pytree",
+)
