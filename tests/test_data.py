@@ -104,7 +104,7 @@ def test_resampled_streams_differ_by_rank_and_worker(eighty):
             stream = dm.train_stream(rank, world_size=2)
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr("toklip.data.stream._worker", lambda w=worker: (w, 2))
-                streams[rank, worker] = [int(i) for b in stream for i in b["text"][:, 0]]
+                streams[rank, worker] = [int(i) for b in stream if "text" in b for i in b["text"][:, 0]]  # not the closing report
     assert all(len(s) == 10 for s in streams.values())  # 4 batches a rank, 2 a worker
     assert len({tuple(s) for s in streams.values()}) == 4
 
@@ -410,3 +410,36 @@ def test_synthetic_colours_are_drawn_as_named(tmp_path):
         assert colour in folder.name
         nearest = min(COLOURS, key=lambda c: np.abs(np.array(COLOURS[c]) - mean).sum())
         assert nearest == colour
+
+
+def _one_of_each_skip_reason(first: int) -> list[dict]:
+    return [
+        {"__key__": f"x{first}", "jpg": b"not an image at all", "txt": f"sample {first}"},  # corrupt_image
+        {"__key__": f"x{first + 1}", "txt": f"sample {first + 1}"},  # no_image
+        {"__key__": f"x{first + 2}", "png": png()},  # no_caption
+        {"__key__": f"x{first + 3}", "png": png(), "txt": "   "},  # empty_caption
+        {"__key__": f"x{first + 4}", "png": huge_png_header(5000, 5000), "txt": f"sample {first + 4}"},  # too_large
+    ]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skips_after_the_last_full_batch_are_counted_in_every_worker(tmp_path, num_workers):
+    # Two shards of 6 good samples then one of each skip reason, and an epoch longer than the data: each
+    # stream's last full batch (of 3) comes before its skips, and the stream ends after them.
+    shards = [[numbered_sample(10 * s + i) for i in range(6)] + _one_of_each_skip_reason(100 * (s + 1)) for s in range(2)]
+    urls = write_shards(tmp_path / "tail", [sample for shard in shards for sample in shard], per_shard=11)
+    dm = datamodule(urls, train_num_samples=30, batch_size_per_device=3, num_workers=num_workers, max_image_pixels=1_000_000)
+    delivered = [int(i) for batch in dm.train_loader() for i in dm.on_before_batch_transfer(batch, 0)["text"][:, 0]]
+    assert sorted(delivered) == [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15]
+    assert dm.skip_counts() == {"no_image": 2, "no_caption": 2, "empty_caption": 2, "corrupt_image": 2, "too_large": 2, "bad_shard": 0}
+
+
+def test_an_epoch_that_delivers_nothing_fails_with_the_reasons(tmp_path):
+    samples = [{**numbered_sample(i), "png": b"garbage"} for i in range(8)] + [{"__key__": "n", "png": png()}]
+    urls = write_shards(tmp_path / "corrupt", samples, per_shard=9)
+    dm = datamodule(urls, train_num_samples=8, batch_size_per_device=2)
+    with pytest.raises(
+        DataQualityError,
+        match=r"epoch 0 delivered no training batch of 2 samples \(no_caption=1, corrupt_image=8\); check the shards in '.*corrupt/\{0000..0000\}.tar'",
+    ):
+        list(dm.train_loader())

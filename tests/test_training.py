@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import webdataset as wds
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import toklip
 from toklip.checkpoints import CheckpointError
+from toklip.data import DataQualityError
 from toklip.losses import LossSettings
 from toklip.training import AdamWCosine, ExportModel, TokLIPModule, param_groups, warmup_cosine
 
@@ -312,3 +314,18 @@ def test_checkpoints_leave_out_frozen_parts_that_have_a_source(tiny_teacher_chec
     vq_file = toklip.checkpoints.save_safetensors(vq.state_dict(), tmp_path / "vq.safetensors")
     m = module(tiny_teacher_checkpoint, tokenizer_checkpoint=str(vq_file))
     assert m._checkpoint_keys() == {f"model.{n}" for n in m.model.trainable_parameters()}
+
+
+def test_a_run_on_data_that_delivers_nothing_fails_and_exports_nothing(tiny_teacher_checkpoint, tmp_path):
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "0.tar")) as sink:
+        for i in range(16):
+            sink.write({"__key__": f"{i:04d}", "jpg": b"\xff\xd8 not a jpeg", "txt": f"caption {i}"})
+    dm = toklip.TokLIPDataModule(
+        str(tmp_path / "shards" / "0.tar"), text_tokenizer=toklip.get_text_tokenizer("tiny_64"), image_size=64,
+        train_num_samples=16, batch_size_per_device=4, num_workers=0,
+    )  # fmt: skip
+    t = trainer(max_steps=4, callbacks=[ExportModel(tmp_path / "export")])
+    with pytest.raises(DataQualityError, match=r"delivered no training batch of 4 samples \(corrupt_image=16\)"):
+        t.fit(module(tiny_teacher_checkpoint), dm)
+    assert not (tmp_path / "export").exists()

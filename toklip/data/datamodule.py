@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -26,15 +26,33 @@ class DataQualityError(RuntimeError):
 
 
 class _EpochLoader(DataLoader):
-    """Tells the stream's workers which epoch starts, each time the Trainer starts iterating."""
+    """Tells the stream's workers which epoch starts, each time the Trainer starts iterating; hands the
+    workers' closing reports (`{"stream": ...}` alone) to `on_report` instead of the training loop, and
+    calls `on_exhausted(batches)` when every worker's stream has ended."""
 
-    def __init__(self, stream: ShardStream, epoch_of_trainer, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        stream: ShardStream,
+        epoch_of_trainer: Callable[[], int],
+        on_report: Callable[[torch.Tensor], None],
+        on_exhausted: Callable[[int], None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(stream, batch_size=None, **kwargs)
         self._epoch_of_trainer = epoch_of_trainer
+        self._on_report = on_report
+        self._on_exhausted = on_exhausted
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.dataset.epoch.set(self._epoch_of_trainer())
-        return super().__iter__()
+        batches = 0
+        for item in super().__iter__():
+            if "image" not in item:
+                self._on_report(item["stream"])
+                batches += int(item["stream"][2])  # the batches that worker produced this epoch
+                continue
+            yield item
+        self._on_exhausted(batches)
 
 
 class TokLIPDataModule(L.LightningDataModule):
@@ -158,7 +176,14 @@ class TokLIPDataModule(L.LightningDataModule):
 
     def train_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """The training loader of one rank, outside a Trainer (benchmarks, tests, your own loop)."""
-        return _EpochLoader(self.train_stream(rank, world_size), self._current_epoch, num_workers=self.num_workers, **self.loader_options)
+        return _EpochLoader(
+            self.train_stream(rank, world_size),
+            self._current_epoch,
+            on_report=self._record,
+            on_exhausted=self._check_delivered,
+            num_workers=self.num_workers,
+            **self.loader_options,
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
@@ -198,6 +223,16 @@ class TokLIPDataModule(L.LightningDataModule):
         metrics = {f"data/skipped_{reason}": float(counts[reason]) for reason in SKIP_REASONS}
         metrics["data/bad_shards"] = float(counts["bad_shard"])
         return metrics
+
+    def _check_delivered(self, batches: int) -> None:
+        """An epoch whose streams all ended without one batch: nothing was learnt, and the run must not pass."""
+        if batches == 0:
+            counts = {reason: count for reason, count in zip(COUNTERS, self._epoch_counts().tolist()) if count}
+            found = ", ".join(f"{reason}={count}" for reason, count in counts.items()) or "no samples at all"
+            raise DataQualityError(
+                f"epoch {self._current_epoch()} delivered no training batch of {self.batch_size} samples ({found}); "
+                f"check the shards in {self.train_urls!r}"
+            )
 
     def _check_skip_fraction(self) -> None:
         this_epoch = dict(zip(COUNTERS, self._epoch_counts().tolist()))

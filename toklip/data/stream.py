@@ -10,6 +10,8 @@ epoch, and its cumulative skip counters. The DataModule reads it in the main pro
 and to resume mid-epoch: a resumed worker skips its first `position` raw samples without decoding
 them, which puts it exactly where it was. (With several workers, the loader's round-robin restarts
 at worker 0, so the first batches after a resume may come in another order; with none it is exact.)
+A worker whose shards run out sends a last item, `{"stream": ...}` alone: the skips after its last
+full batch, and the proof that it delivered nothing when it never filled one.
 """
 
 from __future__ import annotations
@@ -172,9 +174,7 @@ class ShardStream(IterableDataset):
         skip, produced = self.resume.offset(epoch, self.rank, worker, self.world_size, num_workers) if self.resume else (0, 0)
         quota = math.ceil(self.num_batches / num_workers)
         position, batch = 0, []
-        if produced >= quota:
-            return
-        for sample in samples:
+        for sample in samples if produced < quota else ():  # a resumed worker may have finished its quota
             position += 1
             if position <= skip:
                 continue  # resuming: consumed before the checkpoint; not decoded again
@@ -192,13 +192,18 @@ class ShardStream(IterableDataset):
                 yield self._collate(batch, (worker, position, produced), counts)
                 batch = []
                 if produced >= quota:
-                    return
-        # A partial last batch is dropped, as in the reference.
+                    break
+        # A partial last batch is dropped, as in the reference. The closing report carries what was
+        # skipped since the last batch, and how many batches this worker produced this epoch.
+        yield {"stream": self._stream_tensor((worker, max(position, skip), produced), counts)}
 
     @staticmethod
     def _collate(
         batch: list[tuple[torch.Tensor, torch.Tensor]], head: tuple[int, int, int], counts: Mapping[str, int]
     ) -> dict[str, torch.Tensor]:
         images, texts = zip(*batch)
-        stream = torch.tensor([*head, *(counts[c] for c in COUNTERS)], dtype=torch.int64)
-        return {"image": torch.stack(images), "text": torch.stack(texts), "stream": stream}
+        return {"image": torch.stack(images), "text": torch.stack(texts), "stream": ShardStream._stream_tensor(head, counts)}
+
+    @staticmethod
+    def _stream_tensor(head: tuple[int, int, int], counts: Mapping[str, int]) -> torch.Tensor:
+        return torch.tensor([*head, *(counts[c] for c in COUNTERS)], dtype=torch.int64)
