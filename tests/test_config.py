@@ -213,3 +213,11 @@ def test_a_sweep_job_returns_the_optimized_metric_not_the_loss(tiny_teacher_chec
         cfg.paths.output_dir = str(tmp_path / "run2")
     with pytest.raises(KeyError, match="optimized_metric='val/nothing' is not among the run's validation metrics: val/retrieval"):
         toklip_train_main(cfg)
+
+
+def test_an_unquoted_brace_pattern_is_named_with_the_quoting_to_use(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["toklip-train", "experiment=toklip_s_256", "data.train_urls=/data/cc12m/{00000..01242}.tar"])
+    with pytest.raises(
+        SystemExit, match=r"""'data.train_urls=/data/cc12m/\{00000..01242\}.tar'.* 'data.train_urls="/data/cc12m/\{00000..01242\}.tar"'$"""
+    ):
+        toklip_train_main()

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_MODULE = "toklip.conf"
@@ -51,6 +53,24 @@ def group_settings(group: str, given: Mapping[str, Any] | None, **defaults: Any)
 def settings_from_group(schema: type[T], group: str, given: Mapping[str, Any] | None) -> T:
     """A settings dataclass from a config group's keys over its defaults (unknown keys: an error)."""
     return schema(**group_settings(group, given, **asdict(schema())))
+
+
+def check_brace_patterns(arguments: Sequence[str]) -> None:
+    """Hydra's override grammar reads an unquoted `{` as a dictionary, so a shard pattern such as
+    `data.train_urls=/data/{000..099}.tar` fails there without naming its key: name it, with the fix."""
+    parser = OverridesParser.create()
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        if argument.startswith("-") or not equals or "{" not in value:
+            continue
+        try:
+            parser.parse_overrides([argument])
+        except OverrideParseException:
+            quoted = f"'{key}=\"{value}\"'"
+            raise SystemExit(
+                f"toklip: cannot read the override {argument!r}: Hydra reads an unquoted {{ as the start of a dictionary. "
+                f"Quote the value for Hydra inside the shell's quotes: {quoted}"
+            ) from None
 
 
 def run_id() -> str:

@@ -6,15 +6,13 @@ toklip-convert what=teacher teacher_model=ViT-SO400M-16-SigLIP2-256 checkpoint=o
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from ..config import HYDRA_VERSION_BASE
 from ..tasks import convert
-from . import CONFIG_PATH
+from . import tool
 
 
-@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name="convert")
+@tool("convert")
 def main(cfg: DictConfig) -> None:
     print(f"wrote {convert(cfg)}")
 

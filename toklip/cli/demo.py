@@ -6,15 +6,13 @@ toklip-demo 'stage_overrides=["trainer.max_steps=20"]'   # a quicker, rougher ru
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from ..config import HYDRA_VERSION_BASE
 from ..miniature import run_demo
-from . import CONFIG_PATH
+from . import tool
 
 
-@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name="demo")
+@tool("demo")
 def main(cfg: DictConfig) -> None:
     run_demo(cfg)
 

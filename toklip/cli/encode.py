@@ -1,20 +1,18 @@
 """toklip-encode: images (a folder or shards) -> VQ indices, per-token features, embeddings.
 
 toklip-encode experiment=tiny checkpoint=runs/train/a/toklip.safetensors input=photos/ output=encoded/
-toklip-encode checkpoint=TokLIP_S_256.pt released_preset=toklip_s_256 input='/data/{000..009}.tar' format=safetensors
+toklip-encode checkpoint=TokLIP_S_256.pt released_preset=toklip_s_256 'input="/data/{000..009}.tar"' format=safetensors
 """
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from ..config import HYDRA_VERSION_BASE
 from ..tasks import encode
-from . import CONFIG_PATH
+from . import tool
 
 
-@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name="encode")
+@tool("encode")
 def main(cfg: DictConfig) -> None:
     counts = encode(cfg)
     print(f"encoded {counts['encoded']} images into {cfg.output} ({cfg.format}); skipped {counts['skipped']}")

@@ -11,15 +11,13 @@ toklip-train; a released file needs `released_preset`, an export records its own
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from ..config import HYDRA_VERSION_BASE
 from ..tasks import evaluate, print_metrics
-from . import CONFIG_PATH
+from . import tool
 
 
-@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name="eval")
+@tool("eval")
 def main(cfg: DictConfig) -> None:
     print_metrics(evaluate(cfg))
     print(f"wrote {cfg.out}")

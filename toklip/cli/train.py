@@ -6,16 +6,14 @@ toklip-train -m experiment=tiny teacher.checkpoint=... optim.lr=3e-4,1e-3
 
 from __future__ import annotations
 
-import hydra
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from ..config import HYDRA_VERSION_BASE
 from ..tasks import optimized_metric, print_metrics, train
-from . import CONFIG_PATH
+from . import tool
 
 
-@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name="train")
+@tool("train")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     if rank_zero_only.rank == 0:
