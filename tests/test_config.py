@@ -1,6 +1,7 @@
 """Hydra configuration: every experiment composes, resolution moves a run, errors name the key,
 and the console tools run from the shell (train, a sweep, eval, encode) and from Python."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -21,6 +22,7 @@ from toklip.cli.train import main as toklip_train_main
 from toklip.config import check_required
 from toklip.models.factory import build_toklip_from
 from toklip.models.presets import preset_from_config
+from toklip.preflight import check_resumed_model, check_shards
 
 FULL_SIZE = ["toklip_s_256", "toklip_l_384", "toklip_so400m_512"]
 
@@ -221,3 +223,57 @@ def test_an_unquoted_brace_pattern_is_named_with_the_quoting_to_use(monkeypatch)
         SystemExit, match=r"""'data.train_urls=/data/cc12m/\{00000..01242\}.tar'.* 'data.train_urls="/data/cc12m/\{00000..01242\}.tar"'$"""
     ):
         toklip_train_main()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps='abc': expected int"),
+        ("data.batch_size_per_device=big", "data.batch_size_per_device='big': expected int"),
+        ("data.batch_size_per_device=0", "data.batch_size_per_device=0: expected a value >= 1"),
+        ("data.max_skip_fraction=1.5", "data.max_skip_fraction=1.5: expected a value in [0, 1]"),
+        ("+trainer.max_stepz=3", "trainer.max_stepz: lightning.Trainer takes no such argument; it takes accelerator"),
+        ("trainer.precision=17", "trainer.precision=17: expected 64 or 32 or 16 or 'transformer-engine'"),
+        ("resolution=60", "resolution=60: expected a multiple of 8, the downsample factor of tokenizer llamagen_tiny (e.g. 56 or 64)"),
+        ("+tokenizer.codebook_sise=12", "tokenizer: unknown key(s) tokenizer.codebook_sise; it takes name, checkpoint"),
+        ("resume=nowhere.ckpt", "resume=nowhere.ckpt: no such checkpoint"),
+    ],
+)
+def test_config_mistakes_are_named_before_anything_is_built_or_generated(override, message, tmp_path, monkeypatch):
+    def built(*args, **kwargs):
+        raise AssertionError("built or generated before the configuration was checked")
+
+    monkeypatch.setattr("toklip.tasks.instantiate", built)
+    monkeypatch.setattr("toklip.tasks.write_synthetic", built)
+    cfg = composed("experiment=tiny", "teacher.checkpoint=unused.safetensors", override, output_dir=tmp_path)
+    with pytest.raises(toklip.config.ConfigError) as raised:
+        toklip.train(cfg)
+    assert str(raised.value).startswith(message)
+
+
+def test_shards_and_workers_are_checked_before_the_model_is_built(synthetic_set, tmp_path):
+    run = ("experiment=tiny", f'data.train_urls="{synthetic_set.train_urls}"')
+    with pytest.raises(
+        toklip.config.ConfigError, match=r"data.num_workers=9: 4 shard\(s\) of .* cannot feed 9 loader streams .* data.num_workers=4"
+    ):
+        check_shards(composed(*run, "data.num_workers=9"))
+    with pytest.raises(toklip.config.ConfigError, match=r"data.train_urls='.*/none-\*.tar': no shard matches"):
+        check_shards(composed("experiment=tiny", f"data.train_urls={tmp_path}/none-*.tar"))
+    check_shards(composed(*run, "data.num_workers=4"))
+
+
+def test_resuming_a_checkpoint_of_another_model_names_both(tmp_path):
+    checkpoint = tmp_path / "tiny32.ckpt"
+    torch.save({"toklip": {"preset": "tiny_32", "architecture": dataclasses.asdict(toklip.models.preset("tiny_32"))}}, checkpoint)
+    with pytest.raises(
+        toklip.config.ConfigError,
+        match=r"this checkpoint is a tiny_32 model \(llamagen_tiny_f4, tiny, 32 px, text tiny\), the run is tiny_64 \(llamagen_tiny, tiny, 64 px",
+    ):
+        check_resumed_model(composed("experiment=tiny"), str(checkpoint))
+    check_resumed_model(composed("experiment=demo_toklip"), str(checkpoint))  # the same model: fine
+
+
+def test_a_user_error_is_one_line_without_a_traceback(tmp_path):
+    done = toklip_tool("toklip-train", "experiment=tiny", "teacher.checkpoint=t.safetensors", "trainer.max_steps=abc", cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "toklip-train: trainer.max_steps='abc': expected int"

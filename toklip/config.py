@@ -25,6 +25,10 @@ HYDRA_VERSION_BASE = "1.3"
 T = TypeVar("T")
 
 
+class ConfigError(ValueError):
+    """A configuration the user can fix: the message names the key, the value and what is expected."""
+
+
 def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """One of toklip's configs (`train`, `demo`, ...) with command-line style overrides."""
     if GlobalHydra.instance().is_initialized():
@@ -46,7 +50,7 @@ def group_settings(group: str, given: Mapping[str, Any] | None, **defaults: Any)
     given = dict(given or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise ValueError(f"{group}: unknown key(s) {', '.join(f'{group}.{key}' for key in unknown)}; it takes {', '.join(defaults)}")
+        raise ConfigError(f"{group}: unknown key(s) {', '.join(f'{group}.{key}' for key in unknown)}; it takes {', '.join(defaults)}")
     return {**defaults, **given}
 
 
@@ -108,6 +112,6 @@ def check_required(cfg: DictConfig) -> None:
     """Name every required (???) key left empty, before anything is built."""
     missing = sorted(key for key in _missing_keys(cfg) if not key.startswith("hydra."))
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"required configuration keys are not set: {', '.join(missing)} (set them on the command line, e.g. {missing[0]}=...)"
         )

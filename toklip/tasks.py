@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoints import read_checkpoint
-from .config import check_required
+from .config import ConfigError, check_required
 from .data.eval_sets import build_eval_sets
 from .data.synthetic import SyntheticConfig, SyntheticPaths
 from .data.synthetic import make_synthetic as write_synthetic
@@ -31,6 +31,7 @@ from .models.factory import build_toklip_from, convert_released, convert_teacher
 from .models.presets import preset_from_config
 from .models.text import get_text_tokenizer_for
 from .models.toklip import TokLIP
+from .preflight import check_resolution, check_resumed_model, check_shards, check_targets
 from .training import TokLIPModule
 
 log = logging.getLogger(__name__)
@@ -41,18 +42,18 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from `cfg`, fit, and return the final metrics (also written to metrics.json)."""
-    check_required(cfg)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg.pop("synthetic", None)  # the generator's parameters, for prepare_synthetic_data
+    ckpt_path = preflight(cfg, data_cfg)
     L.seed_everything(cfg.seed, workers=True)
     prepare_synthetic_data(cfg)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    data_cfg.pop("synthetic", None)  # the generator's parameters, used above
+    check_shards(cfg)
     datamodule = instantiate(data_cfg, _convert_="all")
     module = instantiate(cfg.model, _convert_="all")
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     # No evaluation sets: no validation loop (Lightning would otherwise run, and warn about, an empty one).
     no_validation = {"limit_val_batches": 0} if not data_cfg.get("eval_sets") else {}
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), _convert_="all", **no_validation)
-    ckpt_path = resume_checkpoint(cfg)
     if ckpt_path is not None:  # a resumed run writes on into its own checkpoint directory, on purpose
         checkpoint_dir = re.escape(os.path.realpath(Path(ckpt_path).parent))
         warnings.filterwarnings("ignore", message=f"Checkpoint directory {checkpoint_dir} exists and is not empty", category=UserWarning)
@@ -61,6 +62,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
+
+
+def preflight(cfg: DictConfig, data_cfg: dict[str, Any]) -> str | None:
+    """Every check that can run before anything is built or generated; returns the checkpoint to resume."""
+    check_required(cfg)
+    built = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("model", "trainer", "logger", "callbacks")}
+    check_targets({"data": data_cfg, **built})
+    check_resolution(cfg)
+    ckpt_path = resume_checkpoint(cfg)
+    if ckpt_path is not None:
+        check_resumed_model(cfg, ckpt_path)
+    return ckpt_path
 
 
 def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
@@ -84,7 +97,10 @@ def prepare_synthetic_data(cfg: DictConfig) -> None:
     if synthetic is not None:
         options = OmegaConf.to_container(synthetic, resolve=True)
         root = options.pop("root")
-        write_synthetic(root, SyntheticConfig.from_options(options))
+        try:
+            write_synthetic(root, SyntheticConfig.from_options(options))
+        except (FileExistsError, ValueError) as err:
+            raise ConfigError(f"data.synthetic: {err}") from None
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
@@ -93,7 +109,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         return None
     if cfg.resume != "latest":
         if not Path(cfg.resume).is_file():
-            raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
+            raise ConfigError(f"resume={cfg.resume}: no such checkpoint")
         return str(cfg.resume)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if last.is_file():

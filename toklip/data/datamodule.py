@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ..config import ConfigError
 from ..distributed import rank_and_world
 from .eval_sets import EvalSet, build_eval_sets
 from .samples import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SampleDecoder
@@ -97,6 +98,10 @@ class TokLIPDataModule(L.LightningDataModule):
         prefetch_factor: int | None = 2,
     ) -> None:
         super().__init__()
+        self.check_arguments(
+            image_size=image_size, train_num_samples=train_num_samples, batch_size_per_device=batch_size_per_device,
+            num_workers=num_workers, max_skip_fraction=max_skip_fraction,
+        )  # fmt: skip
         self.train_urls = train_urls
         self.text_tokenizer = text_tokenizer
         self.train_num_samples = train_num_samples
@@ -128,6 +133,24 @@ class TokLIPDataModule(L.LightningDataModule):
         self._worker_counts: dict[int, torch.Tensor] = {}  # worker -> its cumulative counters this epoch
         self._past_counts = torch.zeros(len(COUNTERS), dtype=torch.int64)  # earlier epochs and runs
         self._seen_epoch: int | None = None
+
+    # Bounds of the numeric arguments: (lowest, highest), None for no bound.
+    _BOUNDS: ClassVar[dict[str, tuple[float | None, float | None]]] = {
+        "image_size": (1, None),
+        "train_num_samples": (1, None),
+        "batch_size_per_device": (1, None),
+        "num_workers": (0, None),
+        "max_skip_fraction": (0, 1),
+    }
+
+    @classmethod
+    def check_arguments(cls, **arguments: Any) -> None:
+        """Out-of-range values, named as their config keys (toklip.preflight calls this before any data is made)."""
+        for name, (low, high) in cls._BOUNDS.items():
+            value = arguments.get(name)
+            if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
+                wanted = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise ConfigError(f"data.{name}={value!r}: expected a value {wanted}")
 
     # ---- set-up -------------------------------------------------------------------------------
 

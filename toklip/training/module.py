@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -26,6 +26,41 @@ from .optim import AdamWCosine
 from .validation import EvalSetsValidation
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _RunSettings:
+    """The module's arguments read into settings: the preset's parts replaced by the groups given."""
+
+    ARGUMENTS: ClassVar[tuple[str, ...]] = ("preset", "tokenizer", "backbone", "image_size", "text", "teacher", "loss", "optim")
+
+    architecture: Preset
+    tokenizer: dict[str, Any]
+    text: dict[str, Any]
+    teacher: dict[str, Any]
+    loss: LossSettings
+    optim: AdamWCosine
+
+    @classmethod
+    def of(
+        cls,
+        preset: str | None,
+        tokenizer: Mapping[str, Any] | None,
+        backbone: Mapping[str, Any] | None,
+        image_size: int | None,
+        text: Mapping[str, Any] | None,
+        teacher: Mapping[str, Any] | None,
+        loss: Mapping[str, Any] | None,
+        optim: Mapping[str, Any] | None,
+    ) -> _RunSettings:
+        parts = preset_spec(preset or "tiny_64")
+        tokenizer = group_settings("tokenizer", tokenizer, name=parts.tokenizer, checkpoint=None)
+        backbone = group_settings("backbone", backbone, name=parts.backbone)
+        text = group_settings("text", text, name=parts.text, tokenizer_path=None)
+        teacher = group_settings("teacher", teacher, model=parts.teacher, checkpoint=None)
+        architecture = Preset(tokenizer["name"], backbone["name"], image_size or parts.image_size, text["name"], teacher["model"])
+        loss_settings = settings_from_group(LossSettings, "loss", loss)
+        return cls(architecture, tokenizer, text, teacher, loss_settings, settings_from_group(AdamWCosine, "optim", optim))
 
 
 class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
@@ -67,18 +102,10 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        parts = preset_spec(preset)
         self.preset_name = preset
-        self.tokenizer_cfg = group_settings("tokenizer", tokenizer, name=parts.tokenizer, checkpoint=None)
-        backbone_cfg = group_settings("backbone", backbone, name=parts.backbone)
-        text_cfg = group_settings("text", text, name=parts.text, tokenizer_path=None)
-        teacher_cfg = group_settings("teacher", teacher, model=parts.teacher, checkpoint=None)
-        self.loss_settings = settings_from_group(LossSettings, "loss", loss)
-        self.optim = settings_from_group(AdamWCosine, "optim", optim)
-        self.architecture = Preset(
-            tokenizer=self.tokenizer_cfg["name"], backbone=backbone_cfg["name"], image_size=image_size or parts.image_size,
-            text=text_cfg["name"], teacher=teacher_cfg["model"],
-        )  # fmt: skip
+        settings = _RunSettings.of(preset, tokenizer, backbone, image_size, text, teacher, loss, optim)
+        self.architecture, self.loss_settings, self.optim = settings.architecture, settings.loss, settings.optim
+        self.tokenizer_cfg, text_cfg, teacher_cfg = settings.tokenizer, settings.text, settings.teacher
         self.model = build_toklip_from(
             self.architecture,
             tokenizer_checkpoint=self.tokenizer_cfg["checkpoint"],
@@ -103,6 +130,11 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         self.text_tokenizer = get_text_tokenizer_for(self.model.text_spec, text_cfg["tokenizer_path"])
         self.eval_metrics = nn.ModuleDict()
         self._step_started = 0.0
+
+    @staticmethod
+    def check_arguments(**arguments: Any) -> None:
+        """The groups' keys, checked before anything is built (toklip.preflight calls this)."""
+        _RunSettings.of(**{name: arguments.get(name) for name in _RunSettings.ARGUMENTS})
 
     def _build_teacher(self, checkpoint: str | None) -> Teacher:
         state = teacher_state_dict(self.architecture.teacher, checkpoint, source="teacher.checkpoint")
