@@ -22,7 +22,7 @@ from toklip.cli.train import main as toklip_train_main
 from toklip.config import check_required
 from toklip.models.factory import build_toklip_from
 from toklip.models.presets import preset_from_config
-from toklip.preflight import check_resumed_model, check_shards
+from toklip.preflight import check_input_alignment, check_resumed_model, check_shards
 
 FULL_SIZE = ["toklip_s_256", "toklip_l_384", "toklip_so400m_512"]
 
@@ -277,3 +277,12 @@ def test_a_user_error_is_one_line_without_a_traceback(tmp_path):
     done = toklip_tool("toklip-train", "experiment=tiny", "teacher.checkpoint=t.safetensors", "trainer.max_steps=abc", cwd=tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "toklip-train: trainer.max_steps='abc': expected int"
+
+
+def test_input_alignment_needs_the_teachers_patch_grid_to_be_the_token_grid():
+    with pytest.raises(
+        toklip.config.ConfigError,
+        match=r"align_input=true: the teacher tiny_teacher_64 sees 8x8 patches, the tokenizer llamagen_tiny_f4 gives 16x16",
+    ):
+        check_input_alignment(composed("experiment=tiny", "tokenizer=tiny_f4", "model.align_input=true"))
+    check_input_alignment(composed("experiment=demo_toklip"))  # the miniature's: 8x8 both

@@ -1,8 +1,9 @@
 """Checks of a training configuration before anything heavy is built.
 
 Every `_target_` node is checked against its target's signature (each key an argument, each value of
-the argument's type; a target may add its own `check_arguments(**arguments)`), then the groups against each other (the resolution against the tokenizer, the
-shards against the loader workers, a resumed checkpoint's model against the run's). A failure is one
+the argument's type; a target may add its own `check_arguments(**arguments)`), then the groups against
+each other (the resolution against the tokenizer and, for input alignment, the teacher's patch grid;
+the shards against the loader workers; a resumed checkpoint's model against the run's). A failure is one
 `ConfigError` naming the key, the value and what is expected.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig
 
@@ -24,6 +26,7 @@ from .checkpoints import read_checkpoint
 from .config import ConfigError
 from .data.sources import resolve_sources
 from .models.presets import preset_from_config
+from .models.teacher import build_open_clip
 from .tokenizers import tokenizer_spec
 
 _HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
@@ -115,6 +118,24 @@ def check_resolution(cfg: DictConfig) -> None:
         raise ConfigError(
             f"resolution={cfg.resolution!r}: expected a multiple of {downsample}, the downsample factor of tokenizer "
             f"{cfg.tokenizer.name} (e.g. {below} or {below + downsample})"
+        )
+
+
+def check_input_alignment(cfg: DictConfig) -> None:
+    """`model.align_input` maps each token onto the teacher patch at its place: the two grids must agree."""
+    if not cfg.model.get("align_input"):
+        return
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        teacher = build_open_clip(cfg.teacher.model)
+    patch_embed = getattr(getattr(teacher.visual, "trunk", None), "patch_embed", None)
+    if patch_embed is None:
+        raise ConfigError(f"model.align_input=true needs a teacher with a timm ViT trunk; teacher.model={cfg.teacher.model} has none")
+    patches = tuple(patch_embed.grid_size)
+    tokens = (cfg.resolution // tokenizer_spec(cfg.tokenizer.name).config.downsample,) * 2
+    if patches != tokens:
+        raise ConfigError(
+            f"model.align_input=true: the teacher {cfg.teacher.model} sees {patches[0]}x{patches[1]} patches, the tokenizer "
+            f"{cfg.tokenizer.name} gives {tokens[0]}x{tokens[1]} tokens at resolution={cfg.resolution}; the grids must agree"
         )
 
 

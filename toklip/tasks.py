@@ -31,7 +31,7 @@ from .models.factory import build_toklip_from, convert_released, convert_teacher
 from .models.presets import preset_from_config
 from .models.text import get_text_tokenizer_for
 from .models.toklip import TokLIP
-from .preflight import check_resolution, check_resumed_model, check_shards, check_targets
+from .preflight import check_input_alignment, check_resolution, check_resumed_model, check_shards, check_targets
 from .training import TokLIPModule
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def preflight(cfg: DictConfig, data_cfg: dict[str, Any]) -> str | None:
     built = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("model", "trainer", "logger", "callbacks")}
     check_targets({"data": data_cfg, **built})
     check_resolution(cfg)
+    check_input_alignment(cfg)
     ckpt_path = resume_checkpoint(cfg)
     if ckpt_path is not None:
         check_resumed_model(cfg, ckpt_path)
