@@ -1,8 +1,22 @@
+import errno
+import io
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 import toklip
-from toklip.checkpoints import NUMPY_SCALARS, CheckpointError, read_checkpoint, save_safetensors
+from toklip.checkpoints import (
+    NUMPY_SCALARS,
+    CheckpointError,
+    read_checkpoint,
+    remove_stale_temporaries,
+    save_safetensors,
+    verify_checksum,
+    write_atomically,
+)
+from toklip.tasks import resume_checkpoint
 
 
 def test_malicious_pickle_is_refused_without_running(tmp_path, malicious_payload):
@@ -61,6 +75,94 @@ def test_numpy_scalars_need_the_allow_list(tmp_path):
 def test_safetensors_write_is_atomic_and_round_trips(tmp_path):
     tensors = {"a": torch.arange(6.0).view(2, 3).t(), "b": torch.ones(2)}  # a non-contiguous view
     path = save_safetensors(tensors, tmp_path / "out" / "w.safetensors", metadata={"preset": "tiny_64"})
-    assert not list(path.parent.glob("*.partial"))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["w.safetensors", "w.safetensors.sha256"]  # no temporary left
     loaded = read_checkpoint(path)
     assert torch.equal(loaded["a"], tensors["a"]) and torch.equal(loaded["b"], tensors["b"])
+
+
+def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = write_atomically(tmp_path / "last.ckpt", b"old checkpoint")
+    real_replace = os.replace
+
+    def crash_on_the_data_file(source, target):
+        if Path(target).name == "last.ckpt":
+            raise OSError("killed mid-rename")
+        real_replace(source, target)
+
+    monkeypatch.setattr("os.replace", crash_on_the_data_file)
+    with pytest.raises(OSError, match="killed"):
+        write_atomically(path, b"new checkpoint")
+    assert path.read_bytes() == b"old checkpoint" and not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_a_full_disk_is_named_and_costs_nothing_written_before(tmp_path, monkeypatch):
+    path = write_atomically(tmp_path / "last.ckpt", b"old checkpoint")
+    monkeypatch.setattr("os.fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(CheckpointError, match=r"no space left to write .*last.ckpt.sha256 \(\d+ bytes\)"):
+        write_atomically(path, b"new checkpoint, larger")
+    monkeypatch.undo()
+    assert read_checkpoint_bytes(path) == b"old checkpoint" and not list(tmp_path.glob(".*.tmp-*"))
+
+
+def read_checkpoint_bytes(path: Path) -> bytes:
+    verify_checksum(path, str(path))
+    return path.read_bytes()
+
+
+def test_bit_rot_reads_as_damage_not_as_weights(tmp_path):
+    path = save_safetensors({"w": torch.ones(64)}, tmp_path / "export.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF  # a flipped byte inside the tensor data: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"export.safetensors does not match its checksum"):
+        read_checkpoint(path)
+
+
+def test_a_kill_between_the_data_and_its_checksum_leaves_a_readable_file(tmp_path, monkeypatch):
+    path = write_atomically(tmp_path / "last.ckpt", b"old checkpoint")
+    real_replace = os.replace
+
+    def killed_after_the_data(source, target):
+        if Path(target).name == "last.ckpt.sha256" and path.read_bytes() == b"new checkpoint":
+            raise KeyboardInterrupt  # the process dies before the checksum's final rewrite
+        real_replace(source, target)
+
+    monkeypatch.setattr("os.replace", killed_after_the_data)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, b"new checkpoint")
+    monkeypatch.undo()
+    assert read_checkpoint_bytes(path) == b"new checkpoint"
+
+
+def _training_checkpoint(path: Path, step: int) -> Path:
+    buffer = io.BytesIO()
+    torch.save({"global_step": step, "state_dict": {"w": torch.full((4,), float(step))}}, buffer)
+    return write_atomically(path, buffer.getvalue())
+
+
+def test_resume_latest_takes_the_newest_checkpoint_that_reads_back_whole(tmp_path, caplog):
+    run = tmp_path / "run"
+    _training_checkpoint(run / "checkpoints" / "step00000004.ckpt", 4)
+    rotten = _training_checkpoint(run / "checkpoints" / "step00000006.ckpt", 6)
+    data = bytearray(rotten.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rotten.write_bytes(bytes(data))
+    last = _training_checkpoint(run / "checkpoints" / "last.ckpt", 8)
+    last.write_bytes(last.read_bytes()[:100])  # killed mid-write by a writer without toklip's rename
+    cfg = toklip.compose_config("train", ["resume=latest", f"paths.output_dir={run}"])
+    with caplog.at_level("WARNING"):
+        assert resume_checkpoint(cfg) == str(run / "checkpoints" / "step00000004.ckpt")
+    assert "last.ckpt" in caplog.text and "step00000006.ckpt" in caplog.text and "damaged" in caplog.text
+    _training_checkpoint(run / "hpc_ckpt_1.ckpt", 7)  # SLURM's requeue checkpoint counts by its step too
+    assert resume_checkpoint(cfg) == str(run / "hpc_ckpt_1.ckpt")
+    for path in run.glob("**/*.ckpt"):
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"resume=latest in .*run: no checkpoint reads back whole: .*last.ckpt"):
+        resume_checkpoint(cfg)
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    dead = tmp_path / ".last.ckpt.tmp-999999999"
+    alive = tmp_path / f".last.ckpt.tmp-{os.getpid()}"
+    dead.write_bytes(b"partial"), alive.write_bytes(b"being written")
+    assert remove_stale_temporaries(tmp_path) == [dead] and alive.exists() and not dead.exists()

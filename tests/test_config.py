@@ -117,6 +117,10 @@ def test_train_from_the_shell_then_resume_eval_and_encode(tiny_teacher_checkpoin
         and torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     )
 
+    finished = (run_dir / "metrics.json").read_text()
+    again = toklip_tool("toklip-train", *run, "trainer.max_steps=3", "resume=latest", cwd=tmp_path)
+    assert again.returncode == 0 and (run_dir / "metrics.json").read_text() == finished  # a finished run stays as it was
+
     evaluated = toklip_tool("toklip-eval", *SMALL_RUN, f"checkpoint={run_dir / 'toklip.safetensors'}", "run_name=ev", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     results = json.loads((tmp_path / "runs" / "eval" / "ev" / "eval.json").read_text())["results"]

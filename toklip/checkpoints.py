@@ -8,7 +8,10 @@ all-or-nothing and reports every missing, unexpected and shape-mismatched key.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
 import pickle
 import zipfile
@@ -20,10 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 StateDict = dict[str, torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -56,12 +61,16 @@ def read_checkpoint(
     *,
     source: str | None = None,
     allowed_globals: Iterable[Any] = (),
+    verify: bool = True,
 ) -> Any:
-    """Read a checkpoint safely. `source` names the config key or argument the path came from."""
+    """Read a checkpoint safely. `source` names the config key or argument the path came from;
+    `verify=False` skips the checksum (a quick look, e.g. at a checkpoint's step)."""
     path = Path(path).expanduser()
     where = describe_source(path, source)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {where}")
+    if verify:
+        verify_checksum(path, where)
     if path.suffix == ".safetensors":
         try:
             return load_file(path)
@@ -168,14 +177,72 @@ def load_state_dict_strict(
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write contiguous, unshared copies of the tensors atomically (a crash never leaves half a file)."""
+    """Write contiguous, unshared copies of the tensors atomically, with a checksum (`write_atomically`)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    return write_atomically(path, save(tensors, metadata=metadata))
+
+
+def checksum_path(path: Path) -> Path:
+    """The SHA-256 file beside a checkpoint or export that `read_checkpoint` verifies."""
+    return path.with_name(path.name + ".sha256")
+
+
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: beside it, so the rename is atomic."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write `data` whole or not at all, on any local filesystem: to a temporary file in the destination
+    directory, fsynced, renamed over `path`, the directory fsynced. Its SHA-256 goes beside it, so bit
+    rot reads as damage, not as weights. The checksum file lists the old digest and the new one while the
+    data is renamed, so a kill between the two files never makes a whole file look damaged. A full disk
+    is an error naming the path and the size."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, partial, metadata=metadata)
-    os.replace(partial, path)
+    digest = hashlib.sha256(data).hexdigest()
+    _replace(checksum_path(path), "".join(f"{d}  {path.name}\n" for d in (digest, *_recorded_digests(path))).encode())
+    _replace(path, data)
+    _replace(checksum_path(path), f"{digest}  {path.name}\n".encode())
     return path
+
+
+def _replace(target: Path, content: bytes | memoryview) -> None:
+    temporary = temporary_path(target)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise CheckpointError(f"no space left to write {target} ({len(content):,} bytes); what was there before is intact") from err
+        raise
+
+
+def _recorded_digests(path: Path) -> list[str]:
+    recorded = checksum_path(path)
+    return [line.split()[0] for line in recorded.read_text().splitlines() if line.strip()] if recorded.is_file() else []
+
+
+def verify_checksum(path: Path, where: str) -> None:
+    """When a checksum file lies beside `path`, the file must match a digest it lists."""
+    recorded = _recorded_digests(path)
+    if not recorded:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    if digest.hexdigest() not in recorded:
+        raise CheckpointError(f"{where} does not match its checksum ({checksum_path(path).name}): the file is damaged")
 
 
 def sidecar_path(weights: Path) -> Path:
@@ -186,5 +253,48 @@ def sidecar_path(weights: Path) -> Path:
 def save_with_sidecar(state_dict: Mapping[str, torch.Tensor], out: str | os.PathLike, description: dict[str, str]) -> Path:
     """Safetensors carrying `description` as metadata, and the same as a readable JSON file beside it."""
     out = save_safetensors(state_dict, out, metadata=description)
-    sidecar_path(out).write_text(json.dumps(description, indent=2) + "\n")
+    write_atomically(sidecar_path(out), (json.dumps(description, indent=2) + "\n").encode())
     return out
+
+
+def newest_readable_checkpoint(candidates: Iterable[Path]) -> Path:
+    """The training checkpoint with the highest global step that reads back whole (its checksum too);
+    each unreadable one is skipped with a warning naming it. None readable: an error listing them."""
+    by_step, unreadable = [], []
+    for path in candidates:
+        try:
+            by_step.append((int(read_checkpoint(path, verify=False)["global_step"]), path))
+        except (CheckpointError, KeyError, TypeError) as err:
+            unreadable.append(f"{path.name} ({err})")
+    for _, path in sorted(by_step, key=lambda item: item[0], reverse=True):
+        try:
+            verify_checksum(path, str(path))
+            break
+        except CheckpointError as err:
+            unreadable.append(f"{path.name} ({err})")
+    else:
+        raise CheckpointError(f"no checkpoint reads back whole: {'; '.join(unreadable) or 'none found'}")
+    for entry in unreadable:
+        log.warning("resume: skipped the unreadable checkpoint %s", entry)
+    return path
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files that killed writers left in `directory` (those of live processes stay)."""
+    removed = []
+    for temporary in directory.glob(".*.tmp-*"):
+        pid = temporary.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            temporary.unlink(missing_ok=True)
+            removed.append(temporary)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

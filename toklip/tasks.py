@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoints import read_checkpoint
+from .checkpoints import CheckpointError, newest_readable_checkpoint, read_checkpoint, remove_stale_temporaries
 from .config import ConfigError, check_required
 from .data.eval_sets import build_eval_sets
 from .data.synthetic import SyntheticConfig, SyntheticPaths
@@ -45,6 +45,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.pop("synthetic", None)  # the generator's parameters, for prepare_synthetic_data
     ckpt_path = preflight(cfg, data_cfg)
+    for directory in (Path(cfg.paths.output_dir), Path(cfg.paths.output_dir) / "checkpoints"):
+        for stale in remove_stale_temporaries(directory):
+            log.info("removed %s, left by a writer that was killed", stale)
     L.seed_everything(cfg.seed, workers=True)
     prepare_synthetic_data(cfg)
     check_shards(cfg)
@@ -59,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         warnings.filterwarnings("ignore", message=f"Checkpoint directory {checkpoint_dir} exists and is not empty", category=UserWarning)
     trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and metrics:  # a finished run resumed again trains nothing and keeps its file
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
 
@@ -105,19 +108,25 @@ def prepare_synthetic_data(cfg: DictConfig) -> None:
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """`resume`: null (start afresh), latest (the run directory's last checkpoint, if any), or a path."""
+    """`resume`: null (start afresh), a path, or latest: the run directory's checkpoint of the highest
+    step that reads back whole (step checkpoints, `last.ckpt` and SLURM's `hpc_ckpt_*` alike)."""
     if cfg.resume is None:
         return None
     if cfg.resume != "latest":
         if not Path(cfg.resume).is_file():
             raise ConfigError(f"resume={cfg.resume}: no such checkpoint")
         return str(cfg.resume)
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        log.info("resuming from %s", last)
-        return str(last)
-    log.info("resume=latest: no checkpoint in %s yet; starting from the beginning", last.parent)
-    return None
+    run_dir = Path(cfg.paths.output_dir)
+    candidates = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    if not candidates:
+        log.info("resume=latest: no checkpoint in %s yet; starting from the beginning", run_dir)
+        return None
+    try:
+        newest = newest_readable_checkpoint(candidates)
+    except CheckpointError as err:
+        raise CheckpointError(f"resume=latest in {run_dir}: {err}") from None
+    log.info("resuming from %s", newest)
+    return str(newest)
 
 
 # ---- evaluate and encode -----------------------------------------------------------------------------
