@@ -3,6 +3,7 @@ and the console tools run from the shell (train, a sweep, eval, encode) and from
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from toklip.config import check_required
 from toklip.models.factory import build_toklip_from
 from toklip.models.presets import preset_from_config
 from toklip.preflight import check_input_alignment, check_resumed_model, check_shards
+from toklip.run_lock import exclusive
+from toklip.training.callbacks import RunPreempted
 
 FULL_SIZE = ["toklip_s_256", "toklip_l_384", "toklip_so400m_512"]
 
@@ -142,6 +145,7 @@ def test_train_from_the_shell_then_resume_eval_and_encode(tiny_teacher_checkpoin
     )
     assert encoded.returncode == 0, encoded.stderr[-3000:]
     assert "encoded 3 images" in encoded.stdout
+    assert [p.name for p in (tmp_path / "enc").iterdir()] == ["000000.tar"]  # renamed whole, no temporary left
     records = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "enc" / "000000.tar"), shardshuffle=False).decode()}
     model = toklip.load_toklip(run_dir / "toklip.safetensors")
     transform = toklip.data.eval_transform(model.preprocess_cfg)
@@ -290,3 +294,59 @@ def test_input_alignment_needs_the_teachers_patch_grid_to_be_the_token_grid():
     ):
         check_input_alignment(composed("experiment=tiny", "tokenizer=tiny_f4", "model.align_input=true"))
     check_input_alignment(composed("experiment=demo_toklip"))  # the miniature's: 8x8 both
+
+
+def test_a_preempted_run_says_so_keeps_its_step_and_resumes(tiny_teacher_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = (*SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "trainer.max_steps=4")
+    signal_at_2 = ("+callbacks.sigterm._target_=test_training.SignalAtStep", "+callbacks.sigterm.step=2")
+    with pytest.raises(RunPreempted, match=r"stopped by a signal at step 2 before the run finished; .* resume=latest"):
+        toklip.train(composed(*run, *signal_at_2, output_dir=tmp_path / "run"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert torch.load(checkpoints / "preempted-step00000002.ckpt", weights_only=True)["global_step"] == 2
+    assert not (tmp_path / "run" / "toklip.safetensors").exists()  # an unfinished run exports nothing
+    metrics = toklip.train(composed(*run, "resume=latest", output_dir=tmp_path / "run"))
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4 and "train/loss" in metrics
+
+
+def test_one_writer_per_run_directory_and_a_killed_one_leaves_no_lock(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from pathlib import Path; from toklip.run_lock import exclusive\nwith exclusive(Path({str(tmp_path)!r}) / '.lock', what='x'):\n    print('held', flush=True); input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    refused = pytest.raises(toklip.config.ConfigError, match=rf"run directory {tmp_path} is in use by process {holder.pid} on")
+    with refused, exclusive(tmp_path / ".lock", what=f"run directory {tmp_path}"):
+        pass
+    holder.kill()
+    holder.wait()
+    with exclusive(tmp_path / ".lock", what=f"run directory {tmp_path}"):  # the kill released it
+        pass
+
+
+def test_two_processes_drawing_one_synthetic_set_do_not_interleave(tmp_path):
+    args = ["out=syn", "train_samples=64", "samples_per_shard=32", "zeroshot_classes=[shape]", "zeroshot_per_class=1", "retrieval_images=4"]
+    script = Path(sys.executable).with_name("toklip-make-synthetic")
+    runs = [
+        subprocess.Popen([str(script), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    assert all(run.wait(timeout=300) == 0 for run in runs), [run.stderr.read()[-2000:] for run in runs]
+    config = toklip.data.SyntheticConfig(
+        train_samples=64, samples_per_shard=32, zeroshot_classes=("shape",), zeroshot_per_class=1, retrieval_images=4
+    )
+    paths = toklip.data.make_synthetic(tmp_path / "syn", config)  # finds the set whole, draws nothing again
+    assert len(list(wds.WebDataset(paths.train_urls, shardshuffle=False))) == 64
+
+
+def test_sigterm_to_the_process_group_stops_the_tool_at_a_step_with_a_checkpoint(tiny_teacher_checkpoint, tmp_path):
+    run = [*SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "trainer.max_steps=6", "data.num_workers=1", "run_name=p"]
+    signal_group = ["+callbacks.sigterm._target_=test_training.SignalAtStep", "+callbacks.sigterm.step=3", "+callbacks.sigterm.group=true"]
+    script = Path(sys.executable).with_name("toklip-train")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # where the signalling callback lives
+    done = subprocess.run(
+        [str(script), *run, *signal_group], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, start_new_session=True
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("toklip-train: stopped by a signal at step 3 before the run finished")
+    assert "DataLoader worker" not in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "runs" / "train" / "p" / "checkpoints" / "preempted-step00000003.ckpt").is_file()

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,13 +15,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 import toklip
 from toklip.checkpoints import CheckpointError
 from toklip.data import DataQualityError
 from toklip.losses import LossSettings
-from toklip.training import AdamWCosine, ExportModel, TokLIPModule, param_groups, warmup_cosine
+from toklip.training import AdamWCosine, CheckpointOnPreemption, ExportModel, TokLIPModule, param_groups, warmup_cosine
 
 OPTIM_KEYS = {f.name for f in dataclasses.fields(AdamWCosine)}
 LOSS_KEYS = {f.name for f in dataclasses.fields(LossSettings)}
@@ -329,3 +331,29 @@ def test_a_run_on_data_that_delivers_nothing_fails_and_exports_nothing(tiny_teac
     with pytest.raises(DataQualityError, match=r"delivered no training batch of 4 samples \(corrupt_image=16\)"):
         t.fit(module(tiny_teacher_checkpoint), dm)
     assert not (tmp_path / "export").exists()
+
+
+class SignalAtStep(Callback):
+    """Sends `signum` after training step `step`, as a cluster would: to this process, or (`group`) to its
+    whole process group, loader workers included."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM, group: bool = False):
+        self.step, self.signum, self.group = step, signum, group
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.killpg(os.getpgid(0), self.signum) if self.group else os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_preemption_signal_checkpoints_the_step_reached_and_the_run_resumes_exactly(
+    tiny_teacher_checkpoint, synthetic_set, tmp_path, signum
+):
+    _, uninterrupted = _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path / "a", max_steps=6)
+    preempted = [CheckpointOnPreemption(tmp_path / "b" / "preempted"), SignalAtStep(2, signum)]
+    with pytest.raises(SIGTERMException):  # Lightning stops at the step boundary; toklip.train turns it into RunPreempted
+        _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path / "b", max_steps=6, callbacks=preempted)
+    last = tmp_path / "b" / "preempted" / "preempted-step00000002.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    _, tail = _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path / "c", max_steps=6, ckpt_path=str(last))
+    assert tail == pytest.approx(uninterrupted[2:], abs=1e-6)

@@ -207,19 +207,24 @@ def write_atomically(path: str | os.PathLike, data: bytes | memoryview) -> Path:
     return path
 
 
+def publish(temporary: Path, target: Path) -> None:
+    """Give a fully written file its name: fsync it, rename it over `target`, fsync the directory."""
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def _replace(target: Path, content: bytes | memoryview) -> None:
     temporary = temporary_path(target)
     try:
         with open(temporary, "wb") as handle:
             handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-        directory = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        publish(temporary, target)
     except OSError as err:
         temporary.unlink(missing_ok=True)
         if err.errno == errno.ENOSPC:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from .checkpoints import save_safetensors
+from .checkpoints import publish, remove_stale_temporaries, save_safetensors, temporary_path
 from .data.samples import IMAGE_EXTENSIONS, SkippedSample, open_image
 from .data.sources import resolve_sources, tar_samples
 from .data.transforms import eval_transform
@@ -76,8 +76,16 @@ class _SafetensorsSink:
 
 
 class _WebDatasetSink:
+    """Shards written under a temporary name and renamed once whole: a kill never leaves half a shard."""
+
     def __init__(self, out: Path, per_file: int) -> None:
-        self.writer = wds.ShardWriter(str(out / "%06d.tar"), maxcount=per_file, verbose=0)
+        pattern = temporary_path(out / "%06d.tar")
+        self.writer = wds.ShardWriter(str(pattern), maxcount=per_file, verbose=0, post=self._publish)
+
+    @staticmethod
+    def _publish(written: str) -> None:
+        temporary = Path(written)
+        publish(temporary, temporary.with_name(temporary.name[1:].rsplit(".tmp-", 1)[0]))
 
     def write(self, key: str, record: dict[str, torch.Tensor]) -> None:
         self.writer.write({"__key__": key, **{f"{name}.npy": value.numpy() for name, value in record.items()}})
@@ -107,6 +115,8 @@ def encode_images(
         raise ValueError(f"features {sorted(unknown) or '[]'}: choose from {list(FEATURES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(out):
+        log.info("removed %s, left by an encode that was killed", stale)
     sink = (_WebDatasetSink if format == "webdataset" else _SafetensorsSink)(out, samples_per_file)
     model = model.to(device).eval()
     transform = eval_transform(model.preprocess_cfg)

@@ -6,6 +6,7 @@ and builds everything from it; `toklip/cli/` only wraps these in Hydra mains and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoints import CheckpointError, newest_readable_checkpoint, read_checkpoint, remove_stale_temporaries
@@ -32,7 +34,9 @@ from .models.presets import preset_from_config
 from .models.text import get_text_tokenizer_for
 from .models.toklip import TokLIP
 from .preflight import check_input_alignment, check_resolution, check_resumed_model, check_shards, check_targets
+from .run_lock import exclusive, is_first_process
 from .training import TokLIPModule
+from .training.callbacks import RunPreempted
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +45,20 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build everything from `cfg`, fit, and return the final metrics (also written to metrics.json)."""
+    """Build everything from `cfg`, fit, and return the final metrics (also written to metrics.json).
+    The run directory has one writer: a second run started on it while the first lives is refused."""
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.pop("synthetic", None)  # the generator's parameters, for prepare_synthetic_data
     ckpt_path = preflight(cfg, data_cfg)
-    for directory in (Path(cfg.paths.output_dir), Path(cfg.paths.output_dir) / "checkpoints"):
-        for stale in remove_stale_temporaries(directory):
-            log.info("removed %s, left by a writer that was killed", stale)
+    run_dir = Path(cfg.paths.output_dir)
+    with exclusive(run_dir / ".lock", what=f"run directory {run_dir}") if is_first_process() else contextlib.nullcontext():
+        for directory in (run_dir, run_dir / "checkpoints"):
+            for stale in remove_stale_temporaries(directory):
+                log.info("removed %s, left by a writer that was killed", stale)
+        return _fit(cfg, data_cfg, ckpt_path)
+
+
+def _fit(cfg: DictConfig, data_cfg: dict[str, Any], ckpt_path: str | None) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     prepare_synthetic_data(cfg)
     check_shards(cfg)
@@ -60,7 +71,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path is not None:  # a resumed run writes on into its own checkpoint directory, on purpose
         checkpoint_dir = re.escape(os.path.realpath(Path(ckpt_path).parent))
         warnings.filterwarnings("ignore", message=f"Checkpoint directory {checkpoint_dir} exists and is not empty", category=UserWarning)
-    trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # a SystemExit(None): it would end the process with status 0, as if finished
+        raise RunPreempted(
+            f"stopped by a signal at step {trainer.global_step} before the run finished; its checkpoint is in "
+            f"{cfg.paths.output_dir}/checkpoints (continue with resume=latest)"
+        ) from None
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero and metrics:  # a finished run resumed again trains nothing and keeps its file
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -100,9 +117,8 @@ def prepare_synthetic_data(cfg: DictConfig) -> None:
     synthetic = cfg.data.get("synthetic")
     if synthetic is not None:
         options = OmegaConf.to_container(synthetic, resolve=True)
-        root = options.pop("root")
         try:
-            write_synthetic(root, SyntheticConfig.from_options(options))
+            _write_synthetic_locked(Path(options.pop("root")), options)
         except (FileExistsError, ValueError) as err:
             raise ConfigError(f"data.synthetic: {err}") from None
 
@@ -193,8 +209,14 @@ def convert(cfg: DictConfig) -> Path:
 def make_synthetic(cfg: DictConfig) -> SyntheticPaths:
     """The synthetic-scene shards and evaluation sets under `cfg.out`."""
     options = OmegaConf.to_container(cfg, resolve=True)
-    out, overwrite = options.pop("out"), options.pop("overwrite")
-    return write_synthetic(out, SyntheticConfig.from_options(options), overwrite=overwrite)
+    out, overwrite = Path(options.pop("out")), options.pop("overwrite")
+    return _write_synthetic_locked(out, options, overwrite=overwrite)
+
+
+def _write_synthetic_locked(root: Path, options: dict[str, Any], *, overwrite: bool = False) -> SyntheticPaths:
+    """One writer at a time (every rank of a run asks for the set): the others wait, then find it made."""
+    with exclusive(root.with_name(f".{root.name}.lock"), what=f"synthetic set {root}", wait=True):
+        return write_synthetic(root, SyntheticConfig.from_options(options), overwrite=overwrite)
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:

@@ -15,10 +15,11 @@ from omegaconf import DictConfig
 from ..checkpoints import CheckpointError
 from ..config import CONFIG_MODULE, HYDRA_VERSION_BASE, ConfigError, check_brace_patterns
 from ..data import DataQualityError
+from ..training.callbacks import RunPreempted
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # the configs ship inside the package
 # What a user fixes in the command, the data or a file: one message, no traceback (HYDRA_FULL_ERROR=1 shows it).
-USER_ERRORS = (ConfigError, DataQualityError, CheckpointError)
+USER_ERRORS = (ConfigError, DataQualityError, CheckpointError, RunPreempted)
 
 
 def _reporting_user_errors(task_main: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:

@@ -1,7 +1,7 @@
 """Training: the TokLIP LightningModule, the miniature's teacher and VQ modules, optimiser, callbacks."""
 
 from . import known_warnings  # noqa: F401  (filters, on import)
-from .callbacks import ExportableModule, ExportModel
+from .callbacks import CheckpointOnPreemption, ExportableModule, ExportModel
 from .clip_teacher import CLIPTrainingModule
 from .module import TokLIPModule
 from .optim import AdamWCosine, param_groups, warmup_cosine
@@ -10,6 +10,7 @@ from .vq import VQTrainingModule
 __all__ = [
     "AdamWCosine",
     "CLIPTrainingModule",
+    "CheckpointOnPreemption",
     "ExportModel",
     "ExportableModule",
     "TokLIPModule",

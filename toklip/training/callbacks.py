@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..checkpoints import StateDict, save_with_sidecar
 
@@ -35,3 +38,36 @@ class ExportModel(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.export(self.path)
+
+
+class RunPreempted(RuntimeError):
+    """The run was stopped by a signal before it finished; its last checkpoint holds the step it reached."""
+
+
+class CheckpointOnPreemption(L.Callback):
+    """On SIGTERM (clouds, Kubernetes, the end of a SLURM allocation) Lightning stops at the next step
+    boundary; this saves `<dirpath>/preempted-step<step>.ckpt` there (`last.ckpt` stays ModelCheckpoint's),
+    and `resume=latest` continues from that step.
+    Outside SLURM, whose SIGUSR1 Lightning handles itself (an `hpc_ckpt_*` and a requeue), SIGUSR1
+    counts as SIGTERM instead of killing the run outright."""
+
+    def __init__(self, dirpath: str | os.PathLike) -> None:
+        self.dirpath = Path(dirpath)
+        self._previous_sigusr1: Any = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:
+            self._previous_sigusr1 = signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigusr1()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_sigusr1()
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.dirpath / f"preempted-step{trainer.global_step:08d}.ckpt")
+
+    def _restore_sigusr1(self) -> None:
+        if self._previous_sigusr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_sigusr1)
+            self._previous_sigusr1 = None
