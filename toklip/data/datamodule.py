@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError
@@ -28,14 +26,6 @@ class DataQualityError(RuntimeError):
     """Too many training samples were skipped: the data, not the model, needs attention."""
 
 
-def _worker_init(worker_id: int) -> None:
-    """A loader worker leaves SIGTERM to the main process, which stops at the next step and checkpoints
-    (a worker killed by a signal sent to the whole process group would fail the run instead); and is
-    seeded as Lightning seeds workers."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    pl_worker_init_function(worker_id)
-
-
 class _EpochLoader(DataLoader):
     """Tells the stream's workers which epoch starts, each time the Trainer starts iterating; hands the
     workers' closing reports (`{"stream": ...}` alone) to `on_report` instead of the training loop, and
@@ -49,7 +39,7 @@ class _EpochLoader(DataLoader):
         on_exhausted: Callable[[int], None],
         **kwargs: Any,
     ) -> None:
-        super().__init__(stream, batch_size=None, worker_init_fn=_worker_init, **kwargs)
+        super().__init__(stream, batch_size=None, **kwargs)
         self._epoch_of_trainer = epoch_of_trainer
         self._on_report = on_report
         self._on_exhausted = on_exhausted
