@@ -166,7 +166,8 @@ def _world_size(cfg: DictConfig) -> int:
 
 def check_resumed_model(cfg: DictConfig, checkpoint: str) -> None:
     """A TokLIP checkpoint records its model's parts: resuming it into another model is named as such."""
-    recorded = read_checkpoint(checkpoint, source="resume").get("toklip")
+    # Its checksum was verified when resume_checkpoint chose it: reading it whole again would be a second pass.
+    recorded = read_checkpoint(checkpoint, source="resume", verify=False).get("toklip")
     if recorded is None or "architecture" not in recorded:
         return
     run, saved = asdict(preset_from_config(cfg)), recorded["architecture"]

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoints import CheckpointError, newest_readable_checkpoint, read_checkpoint, remove_stale_temporaries
+from .checkpoints import CheckpointError, newest_readable_checkpoint, read_checkpoint, remove_stale_temporaries, verify_checksum
 from .config import ConfigError, check_required
 from .data.eval_sets import build_eval_sets
 from .data.synthetic import SyntheticConfig, SyntheticPaths
@@ -129,9 +129,11 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     if cfg.resume is None:
         return None
     if cfg.resume != "latest":
-        if not Path(cfg.resume).is_file():
+        path = Path(cfg.resume)
+        if not path.is_file():
             raise ConfigError(f"resume={cfg.resume}: no such checkpoint")
-        return str(cfg.resume)
+        verify_checksum(path, f"resume={cfg.resume}")  # a damaged file is named here, before anything is built
+        return str(path)
     run_dir = Path(cfg.paths.output_dir)
     candidates = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
     if not candidates:
