@@ -1,6 +1,12 @@
 import errno
 import io
 import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +172,33 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
     alive = tmp_path / f".last.ckpt.tmp-{os.getpid()}"
     dead.write_bytes(b"partial"), alive.write_bytes(b"being written")
     assert remove_stale_temporaries(tmp_path) == [dead] and alive.exists() and not dead.exists()
+
+
+def test_kill_9_while_rewriting_a_checkpoint_leaves_the_old_or_the_new_one(tmp_path):
+    # A writer rewrites last.ckpt over and over, its TMPDIR on another filesystem (the tmpfs /dev/shm) than
+    # the run directory, as on a cluster; it is SIGKILLed at random moments while a reader polls the file.
+    shm = Path("/dev/shm")
+    tmpdir = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path / "tmp"
+    tmpdir.mkdir(exist_ok=True)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    versions = {bytes([value]) * (4 << 20) for value in range(4)}  # 4 MB each: a write takes a while
+    writer = (
+        "import sys, itertools; from toklip.checkpoints import write_atomically\n"
+        "for value in itertools.cycle(range(4)): write_atomically(sys.argv[1], bytes([value]) * (4 << 20))\n"
+    )
+    write_atomically(path, min(versions))
+    rng = random.Random(0)
+    try:
+        for _ in range(5):
+            process = subprocess.Popen([sys.executable, "-c", writer, str(path)], env={**os.environ, "TMPDIR": str(tmpdir)})
+            deadline = time.monotonic() + 3 + rng.random()  # the writer's start takes ~2 s
+            while time.monotonic() < deadline:  # every read in between sees a whole version (its checksum may lag)
+                assert path.read_bytes() in versions
+            process.kill()
+            process.wait()
+            assert read_checkpoint_bytes(path) in versions
+        remove_stale_temporaries(path.parent)  # what a kill mid-write left; the next start removes it
+        assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
+        assert not list(tmpdir.iterdir())  # nothing was ever written to TMPDIR
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -3,6 +3,7 @@ and the console tools run from the shell (train, a sweep, eval, encode) and from
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -101,6 +102,13 @@ def test_unknown_option_lists_the_valid_ones(tmp_path):
     assert done.returncode != 0 and "Available options" in done.stderr and "ddp_cpu" in done.stderr
 
 
+def _files_written(run_dir: Path) -> dict[str, tuple[int, bytes]]:
+    """Each file of a run -> (modification time, contents); aside: its log (Hydra appends to it) and its
+    lock (it names the process holding the run directory)."""
+    files = (path for path in run_dir.rglob("*") if path.is_file() and path.suffix != ".log" and path.name != ".lock")
+    return {str(path.relative_to(run_dir)): (path.stat().st_mtime_ns, path.read_bytes()) for path in files}
+
+
 def test_train_from_the_shell_then_resume_eval_and_encode(tiny_teacher_checkpoint, tmp_path):
     run = [*SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "run_name=first"]
     done = toklip_tool("toklip-train", *run, cwd=tmp_path)
@@ -119,9 +127,12 @@ def test_train_from_the_shell_then_resume_eval_and_encode(tiny_teacher_checkpoin
         and torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     )
 
-    finished = (run_dir / "metrics.json").read_text()
+    written = _files_written(run_dir)
     again = toklip_tool("toklip-train", *run, "trainer.max_steps=3", "resume=latest", cwd=tmp_path)
-    assert again.returncode == 0 and (run_dir / "metrics.json").read_text() == finished  # a finished run stays as it was
+    assert again.returncode == 0 and "finished at" in again.stdout + again.stderr
+    after = _files_written(run_dir)
+    assert {path: after[path] for path in written} == written  # a finished run resumed again changes nothing it wrote
+    assert all(path.startswith(".hydra/resumed-") for path in set(after) - set(written))  # it records its own start only
 
     evaluated = toklip_tool("toklip-eval", *SMALL_RUN, f"checkpoint={run_dir / 'toklip.safetensors'}", "run_name=ev", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
@@ -335,3 +346,17 @@ def test_two_processes_drawing_one_synthetic_set_do_not_interleave(tmp_path):
     )
     paths = toklip.data.make_synthetic(tmp_path / "syn", config)  # finds the set whole, draws nothing again
     assert len(list(wds.WebDataset(paths.train_urls, shardshuffle=False))) == 64
+
+
+def test_sigterm_to_the_process_group_stops_the_tool_at_a_step_with_a_checkpoint(tiny_teacher_checkpoint, tmp_path):
+    run = [*SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "trainer.max_steps=6", "data.num_workers=1", "run_name=p"]
+    signal_group = ["+callbacks.sigterm._target_=test_training.SignalAtStep", "+callbacks.sigterm.step=3", "+callbacks.sigterm.group=true"]
+    script = Path(sys.executable).with_name("toklip-train")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # where the signalling callback lives
+    done = subprocess.run(
+        [str(script), *run, *signal_group], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, start_new_session=True
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("toklip-train: stopped by a signal at step 3 before the run finished")
+    assert "DataLoader worker" not in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "runs" / "train" / "p" / "checkpoints" / "preempted-step00000003.ckpt").is_file()

@@ -3,8 +3,14 @@
 import io
 import json
 import logging
+import multiprocessing
+import os
+import signal
 import struct
+import subprocess
+import sys
 import tarfile
+import time
 import zlib
 from collections import Counter
 
@@ -443,3 +449,30 @@ def test_an_epoch_that_delivers_nothing_fails_with_the_reasons(tmp_path):
         match=r"epoch 0 delivered no training batch of 2 samples \(no_caption=1, corrupt_image=8\); check the shards in '.*corrupt/\{0000..0000\}.tar'",
     ):
         list(dm.train_loader())
+
+
+def test_loader_workers_leave_sigterm_to_the_main_process(eighty):
+    # A signal to the whole process group reaches the workers too; the main process stops at a step
+    # boundary and checkpoints, which it cannot do if its workers died under it.
+    loader = datamodule(eighty, train_num_samples=80, num_workers=2, batch_size_per_device=2).train_loader()
+    others = set(multiprocessing.active_children())  # other tests' processes may still be winding down
+    batches = iter(loader)
+    first = next(batches)
+    workers = [child for child in multiprocessing.active_children() if child not in others]
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert len([first, *batches]) == len(loader)  # every batch still comes
+
+
+def test_a_process_with_live_signal_safe_workers_exits_at_once():
+    # Workers that ignore SIGTERM would hang multiprocessing's exit handler (it SIGTERMs and joins them)
+    # unless their pools are shut down first.
+    script = (
+        "import torch, toklip.data.workers as w\n"
+        "loader = w.SignalSafeLoader(torch.arange(64), batch_size=4, num_workers=2, persistent_workers=True)\n"
+        "batches = iter(loader); next(batches)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

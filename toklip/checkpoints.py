@@ -201,9 +201,9 @@ def write_atomically(path: str | os.PathLike, data: bytes | memoryview) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(data).hexdigest()
-    _replace(checksum_path(path), "".join(f"{d}  {path.name}\n" for d in (digest, *_recorded_digests(path))).encode())
-    _replace(path, data)
-    _replace(checksum_path(path), f"{digest}  {path.name}\n".encode())
+    replace_file(checksum_path(path), "".join(f"{d}  {path.name}\n" for d in (digest, *_recorded_digests(path))).encode())
+    replace_file(path, data)
+    replace_file(checksum_path(path), f"{digest}  {path.name}\n".encode())
     return path
 
 
@@ -219,7 +219,8 @@ def publish(temporary: Path, target: Path) -> None:
         os.close(directory)
 
 
-def _replace(target: Path, content: bytes | memoryview) -> None:
+def replace_file(target: Path, content: bytes | memoryview) -> None:
+    """Write `content` over `target` whole or not at all (no checksum: for small records such as metrics)."""
     temporary = temporary_path(target)
     try:
         with open(temporary, "wb") as handle:

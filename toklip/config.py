@@ -86,8 +86,15 @@ def run_id() -> str:
     return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
-if not OmegaConf.has_resolver("toklip_run_id"):
-    OmegaConf.register_new_resolver("toklip_run_id", run_id, use_cache=True)
+def hydra_record_dir(resume: str | None) -> str:
+    """Where Hydra records a run's configuration: `.hydra`, and for each resumed start a folder of its
+    own inside it, so resuming never rewrites the record of how the run began."""
+    return ".hydra" if resume is None else f".hydra/resumed-{datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S-%f')}"
+
+
+for _name, _resolver in (("toklip_run_id", run_id), ("toklip_hydra_record_dir", hydra_record_dir)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver, use_cache=True)
 
 
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:

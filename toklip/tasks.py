@@ -21,7 +21,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoints import CheckpointError, newest_readable_checkpoint, read_checkpoint, remove_stale_temporaries, verify_checksum
+from .checkpoints import (
+    CheckpointError,
+    newest_readable_checkpoint,
+    read_checkpoint,
+    remove_stale_temporaries,
+    replace_file,
+    verify_checksum,
+)
 from .config import ConfigError, check_required
 from .data.eval_sets import build_eval_sets
 from .data.synthetic import SyntheticConfig, SyntheticPaths
@@ -46,7 +53,8 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from `cfg`, fit, and return the final metrics (also written to metrics.json).
-    The run directory has one writer: a second run started on it while the first lives is refused."""
+    The run directory has one writer: a second run started on it while the first lives is refused.
+    A finished run resumed again builds and writes nothing and returns its recorded metrics."""
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.pop("synthetic", None)  # the generator's parameters, for prepare_synthetic_data
     ckpt_path = preflight(cfg, data_cfg)
@@ -55,7 +63,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for directory in (run_dir, run_dir / "checkpoints"):
             for stale in remove_stale_temporaries(directory):
                 log.info("removed %s, left by a writer that was killed", stale)
+        finished = _finished_metrics(run_dir, ckpt_path, cfg.trainer)
+        if finished is not None:
+            log.info("%s finished at %s; nothing to do (its metrics: %s)", run_dir, ckpt_path, run_dir / METRICS_FILE)
+            return finished
         return _fit(cfg, data_cfg, ckpt_path)
+
+
+METRICS_FILE = "metrics.json"  # written when a run finishes: its presence marks a finished run
+
+
+def _finished_metrics(run_dir: Path, ckpt_path: str | None, trainer_cfg: DictConfig) -> dict[str, float] | None:
+    """The recorded metrics of a run that already finished at `ckpt_path`, or None if it has training left.
+
+    Finished means what Lightning's fit loop means (max_steps or max_epochs reached), and a completed
+    fit recorded its metrics; a re-run then builds nothing and writes nothing."""
+    metrics_file = run_dir / METRICS_FILE
+    if ckpt_path is None or not metrics_file.is_file():
+        return None
+    checkpoint = read_checkpoint(ckpt_path, source="resume", verify=False)  # memory-mapped: a quick look
+    max_steps, max_epochs = trainer_cfg.get("max_steps", -1), trainer_cfg.get("max_epochs")
+    epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
+    steps_done = max_steps not in (None, -1) and checkpoint["global_step"] >= max_steps
+    epochs_done = max_epochs not in (None, -1) and epochs >= max_epochs
+    return json.loads(metrics_file.read_text()) if steps_done or epochs_done else None
 
 
 def _fit(cfg: DictConfig, data_cfg: dict[str, Any], ckpt_path: str | None) -> dict[str, float]:
@@ -79,8 +110,8 @@ def _fit(cfg: DictConfig, data_cfg: dict[str, Any], ckpt_path: str | None) -> di
             f"{cfg.paths.output_dir}/checkpoints (continue with resume=latest)"
         ) from None
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    if trainer.is_global_zero and metrics:  # a finished run resumed again trains nothing and keeps its file
-        (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if trainer.is_global_zero:
+        replace_file(Path(cfg.paths.output_dir) / METRICS_FILE, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
     return metrics
 
 

@@ -18,6 +18,7 @@ from .samples import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SampleDecoder
 from .sources import resolve_sources
 from .stream import COUNTERS, REFERENCE_SAMPLE_SHUFFLE, REFERENCE_SHARD_SHUFFLE, STREAM_HEAD, ResumePoint, ShardStream, SharedEpoch
 from .transforms import TRAIN_CROP_SCALE, eval_transform, preprocess_config, train_transform
+from .workers import SignalSafeLoader
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class DataQualityError(RuntimeError):
     """Too many training samples were skipped: the data, not the model, needs attention."""
 
 
-class _EpochLoader(DataLoader):
+class _EpochLoader(SignalSafeLoader):
     """Tells the stream's workers which epoch starts, each time the Trainer starts iterating; hands the
     workers' closing reports (`{"stream": ...}` alone) to `on_report` instead of the training loop, and
     calls `on_exhausted(batches)` when every worker's stream has ended."""
@@ -210,7 +211,7 @@ class TokLIPDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
-            DataLoader(dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers, shuffle=False, **self.loader_options)
+            SignalSafeLoader(dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers, shuffle=False, **self.loader_options)
             for dataset in self.eval_sets.values()
         ]
 

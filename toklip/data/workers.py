@@ -1,0 +1,53 @@
+"""DataLoader workers that leave SIGTERM to the main process.
+
+A cluster that preempts a job signals its whole process group. The main process stops at the next
+step boundary and checkpoints; a worker killed by the same signal would fail the run under it
+("DataLoader worker ... killed by signal") first. So workers ignore SIGTERM, and their pools are
+shut down through the loader's own protocol instead: when the data module is torn down, and at
+interpreter exit before multiprocessing's exit handler, which would SIGTERM them and wait forever.
+A worker still dies with a main process that is killed outright (torch's parent watchdog).
+"""
+
+from __future__ import annotations
+
+import atexit
+import signal
+import weakref
+from typing import Any
+
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+_live_pools: weakref.WeakSet[_MultiProcessingDataLoaderIter] = weakref.WeakSet()
+
+
+def _init_worker(worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pl_worker_init_function(worker_id)  # seeded as Lightning seeds workers
+
+
+def shut_down_worker_pools() -> None:
+    """Stop every live worker pool of a `SignalSafeLoader` (each worker exits on its own)."""
+    for pool in list(_live_pools):
+        pool._shutdown_workers()
+    _live_pools.clear()
+
+
+# Registered after torch imported multiprocessing, so it runs before multiprocessing's exit handler.
+atexit.register(shut_down_worker_pools)
+
+
+class SignalSafeLoader(DataLoader):
+    """A DataLoader whose worker processes ignore SIGTERM (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("num_workers", 0) > 0 and kwargs.get("worker_init_fn") is None:
+            kwargs["worker_init_fn"] = _init_worker
+        super().__init__(*args, **kwargs)
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        if isinstance(iterator, _MultiProcessingDataLoaderIter):
+            _live_pools.add(iterator)
+        return iterator
