@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 import toklip
-from toklip.checkpoints import CheckpointError
+from toklip.checkpoints import NUMPY_SCALARS, CheckpointError, read_checkpoint
 from toklip.data import DataQualityError
 from toklip.losses import LossSettings
 from toklip.training import AdamWCosine, CheckpointOnPreemption, ExportModel, TokLIPModule, param_groups, warmup_cosine
@@ -205,13 +205,16 @@ def test_fsdp2_runs_two_steps_on_cpu(tiny_teacher_checkpoint, synthetic_set, tmp
     script.write_text(
         textwrap.dedent(f"""
         import lightning as L, toklip
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from toklip.training.checkpointing import AtomicCheckpointIO
+        from toklip.training.strategies import fsdp2
         dm = toklip.TokLIPDataModule({synthetic_set.train_urls!r}, text_tokenizer=toklip.get_text_tokenizer("tiny_64"),
                                      image_size=64, train_num_samples=64, batch_size_per_device=4, num_workers=0)
         m = toklip.TokLIPModule("tiny_64", teacher={{"checkpoint": {str(tiny_teacher_checkpoint)!r}}}, optim={{"lr": 1e-3, "warmup_steps": 1, "total_steps": 2}})
-        t = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      callbacks=[toklip.training.ExportModel({str(tmp_path)!r}, "fsdp2.safetensors")])
+        t = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=fsdp2(data_parallel_size=2), plugins=[AtomicCheckpointIO()],
+                      logger=False, enable_progress_bar=False,
+                      callbacks=[toklip.training.ExportModel({str(tmp_path)!r}, "fsdp2.safetensors"),
+                                 ModelCheckpoint({str(tmp_path / "checkpoints")!r}, save_last=True)])
         t.fit(m, dm)
         print(f"rank {{t.global_rank}} steps {{t.global_step}} sharded {{type(m.model.visual.trunk.blocks[0].attn.qkv.weight).__name__}}")
     """)
@@ -221,6 +224,10 @@ def test_fsdp2_runs_two_steps_on_cpu(tiny_teacher_checkpoint, synthetic_set, tmp
     assert "rank 0 steps 2 sharded DTensor" in done.stdout and "rank 1 steps 2 sharded DTensor" in done.stdout
     exported = toklip.load_toklip(tmp_path / "fsdp2.safetensors")
     assert exported.visual.trunk.blocks[0].attn.qkv.weight.shape == (384, 128)
+    # One file, gathered from the shards and written whole with its checksum: what resume=latest reads.
+    last = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt", allowed_globals=NUMPY_SCALARS)
+    assert last["global_step"] == 2 and (tmp_path / "checkpoints" / "last.ckpt.sha256").is_file()
+    assert last["state_dict"]["model.visual.trunk.blocks.0.attn.qkv.weight"].shape == (384, 128)
 
 
 def test_tiny_model_overfits_a_small_batch(tiny_teacher_checkpoint, synthetic_set):

@@ -26,5 +26,9 @@ def fsdp(activation_checkpointing: bool = False, sharding_strategy: str = "FULL_
 
 
 def fsdp2(data_parallel_size: str | int = "auto") -> ModelParallelStrategy:
-    """FSDP2 through ModelParallelStrategy (runs on CPU with gloo too); sharding in TokLIPModule.configure_model."""
-    return ModelParallelStrategy(data_parallel_size=data_parallel_size, tensor_parallel_size=1)
+    """FSDP2 through ModelParallelStrategy (runs on CPU with gloo too); sharding in TokLIPModule.configure_model.
+
+    Checkpoints are gathered into one file that rank 0 writes through the trainer's CheckpointIO (written
+    whole, with a checksum; `resume=latest` reads it), not a directory of shards that a kill can leave half
+    written: a TokLIP model is small enough to gather."""
+    return ModelParallelStrategy(data_parallel_size=data_parallel_size, tensor_parallel_size=1, save_distributed_checkpoint=False)
