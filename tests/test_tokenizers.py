@@ -7,7 +7,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 import toklip
-from toklip.tokenizers import tokenizer_spec
 from toklip.tokenizers.base import nearest_code
 
 DATA = Path(__file__).parent / "data"
@@ -206,10 +205,7 @@ def test_taming_lightning_checkpoint_loads_and_reports_ignored_loss_keys(tmp_pat
     taming_state["loss.perceptual_loss.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
     torch.save({"epoch": 3, "global_step": 100, "state_dict": taming_state}, tmp_path / "last.ckpt")
 
-    spec = tokenizer_spec("taming_tiny")
     loaded = toklip.build_tokenizer("taming_tiny")
-    from toklip.tokenizers.registry import load_tokenizer_weights
-
-    report = load_tokenizer_weights(loaded, spec, tmp_path / "last.ckpt")
+    report = loaded.load_weights(tmp_path / "last.ckpt")
     assert sorted(report.ignored) == ["loss.discriminator.main.0.weight", "loss.perceptual_loss.lin0.model.1.weight"]
     assert torch.equal(loaded.encode(images).indices, source.encode(images).indices)

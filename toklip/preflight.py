@@ -27,7 +27,7 @@ from .config import ConfigError
 from .data.sources import resolve_sources
 from .models.presets import preset_from_config
 from .models.teacher import build_open_clip
-from .tokenizers import tokenizer_spec
+from .tokenizers import tokenizer_downsample
 
 _HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
@@ -37,6 +37,8 @@ def check_targets(node: Any, path: str = "") -> None:
     if isinstance(node, dict):
         if "_target_" in node:
             _check_call(node, path)
+        if node.get("_recursive_", True) is False:
+            return  # Hydra passes its children as data: the target's own check_arguments judges them
         for key, value in node.items():
             check_targets(value, f"{path}{key}.")
     elif isinstance(node, list):
@@ -112,7 +114,7 @@ def _describe(hint: Any) -> str:
 
 def check_resolution(cfg: DictConfig) -> None:
     """The image size must be a whole number of tokens."""
-    downsample = tokenizer_spec(cfg.tokenizer.name).config.downsample
+    downsample = tokenizer_downsample(cfg.tokenizer.name)
     if not isinstance(cfg.resolution, int) or cfg.resolution <= 0 or cfg.resolution % downsample:
         below = max(downsample, cfg.resolution // downsample * downsample) if isinstance(cfg.resolution, int) else downsample
         raise ConfigError(
@@ -131,7 +133,7 @@ def check_input_alignment(cfg: DictConfig) -> None:
     if patch_embed is None:
         raise ConfigError(f"model.align_input=true needs a teacher with a timm ViT trunk; teacher.model={cfg.teacher.model} has none")
     patches = tuple(patch_embed.grid_size)
-    tokens = (cfg.resolution // tokenizer_spec(cfg.tokenizer.name).config.downsample,) * 2
+    tokens = (cfg.resolution // tokenizer_downsample(cfg.tokenizer.name),) * 2
     if patches != tokens:
         raise ConfigError(
             f"model.align_input=true: the teacher {cfg.teacher.model} sees {patches[0]}x{patches[1]} patches, the tokenizer "

@@ -7,9 +7,10 @@ import functools
 from dataclasses import dataclass
 
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..config import compose_config, config_group_options
+from ..tokenizers import register_configured_tokenizer
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,10 @@ def preset(name: str) -> Preset:
 
 
 def preset_from_config(cfg: DictConfig) -> Preset:
-    """The parts a composed config picks: its tokenizer, backbone, text and teacher groups and resolution."""
-    return Preset(cfg.tokenizer.name, cfg.backbone.name, cfg.resolution, cfg.text.name, cfg.teacher.model)
+    """The parts a composed config picks: its tokenizer, backbone, text and teacher groups and resolution
+    (a tokenizer given by `_target_` is registered under its name)."""
+    tokenizer = register_configured_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True))
+    return Preset(tokenizer["name"], cfg.backbone.name, cfg.resolution, cfg.text.name, cfg.teacher.model)
 
 
 # The reference code's model names, for `build_toklip_encoder` compatibility.

@@ -1,18 +1,27 @@
-"""Frozen, pluggable VQ tokenizers. Importing this package registers every family."""
+"""Frozen, pluggable VQ tokenizers. Importing this package registers every built-in family."""
 
-from . import llamagen, taming  # noqa: F401  (registration)
+from . import ibq, llamagen, taming  # noqa: F401  (registration)
 from .base import VQEncoding, VQTokenizer
-from .conv_vq import ConvVQConfig, ConvVQModel
-from .registry import TokenizerSpec, available_tokenizers, build_tokenizer, register_tokenizer, tokenizer_spec
+from .conv_vq import ConvVQConfig, ConvVQFactory, ConvVQModel
+from .registry import (
+    available_tokenizers,
+    build_tokenizer,
+    register_configured_tokenizer,
+    register_tokenizer,
+    tokenizer_downsample,
+    tokenizer_factory,
+)
 
 __all__ = [
     "ConvVQConfig",
+    "ConvVQFactory",
     "ConvVQModel",
-    "TokenizerSpec",
     "VQEncoding",
     "VQTokenizer",
     "available_tokenizers",
     "build_tokenizer",
+    "register_configured_tokenizer",
     "register_tokenizer",
-    "tokenizer_spec",
+    "tokenizer_downsample",
+    "tokenizer_factory",
 ]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..checkpoints import LoadReport, StateDict, describe_source, find_state_dict, load_state_dict_strict, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,12 @@ class VQTokenizer(nn.Module):
 
     Subclasses provide `latents` (images -> pre-quantisation latents), `codebook` (the vectors the
     search and `lookup` use) and `decode_latents`; and call `_freeze()` at the end of `__init__`.
+    A family whose checkpoints use other key names overrides `convert_state_dict`; the globals its
+    checkpoints may pickle go in `checkpoint_globals` (everything else is refused).
     """
+
+    checkpoint_globals: ClassVar[tuple[Any, ...]] = ()
+    checkpoint_weights_keys: ClassVar[tuple[str, ...]] = ("ema", "model", "state_dict")  # where weights sit, first found wins
 
     # Images enter in [-1, 1]: the normalisation a data pipeline applies to [0, 1] pixels.
     input_mean = (0.5, 0.5, 0.5)
@@ -86,6 +95,17 @@ class VQTokenizer(nn.Module):
         if height % self.downsample or width % self.downsample:
             raise ValueError(f"image size {height}x{width} is not a multiple of the tokenizer's downsample factor {self.downsample}")
         return height // self.downsample, width // self.downsample
+
+    def convert_state_dict(self, state_dict: StateDict) -> tuple[StateDict, list[str]]:
+        """A checkpoint's state dict in this module's key layout, and the keys dropped on purpose."""
+        return state_dict, []
+
+    def load_weights(self, path: str | os.PathLike, *, source: str | None = None) -> LoadReport:
+        """Load a checkpoint of this family strictly (every key or none); `source` names where the path came from."""
+        where = describe_source(path, source)
+        raw = read_checkpoint(path, source=source, allowed_globals=self.checkpoint_globals)
+        state_dict, ignored = self.convert_state_dict(find_state_dict(raw, self.checkpoint_weights_keys, where=where))
+        return load_state_dict_strict(self, state_dict, where=where, ignored=ignored)
 
     def _freeze(self) -> None:
         self.requires_grad_(False)
@@ -128,10 +148,13 @@ class VQTokenizer(nn.Module):
         self._check_images(images)
         with torch.autocast(images.device.type, enabled=False):
             indices, z, z_q = self.quantize_latents(self.latents(images.to(self.dtype)).float())
-            # The release's straight-through form z + (z_q - z): the same vectors as
-            # lookup(indices) up to one rounding, and bit-identical to what the reference feeds on.
-            codes = z + (z_q - z)
-        return VQEncoding(indices=indices, codes=codes)
+        return VQEncoding(indices=indices, codes=self.encoded_codes(z, z_q))
+
+    def encoded_codes(self, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        """The code vectors `encode` returns, from the searched vectors z and their codes z_q. LlamaGen's
+        straight-through form z + (z_q - z): the same vectors as lookup(indices) up to one rounding, and
+        bit-identical to what the release feeds on."""
+        return z + (z_q - z)
 
     @torch.no_grad()
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:

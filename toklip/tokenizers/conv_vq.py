@@ -7,7 +7,9 @@ where the family tracks usage), `quant_conv.*`, `post_quant_conv.*`, exactly as 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -153,3 +155,17 @@ class ConvVQModel(VQTokenizer):
 
     def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(codes))
+
+
+@dataclass(frozen=True)
+class ConvVQFactory:
+    """The registry's factory for one member of a conv-VQ family: options replace fields of `config`."""
+
+    model: type[ConvVQModel]
+    config: ConvVQConfig
+
+    def __call__(self, **overrides: Any) -> ConvVQModel:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(ConvVQConfig)}
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; a {self.model.__name__} takes the fields of ConvVQConfig")
+        return self.model(dataclasses.replace(self.config, **overrides))

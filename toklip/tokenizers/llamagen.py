@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .conv_vq import ConvVQConfig
-from .registry import TokenizerSpec, register_tokenizer
+from .conv_vq import ConvVQConfig, ConvVQFactory, ConvVQModel
+from .registry import register_tokenizer
 
-# LlamaGen's training checkpoints may keep the run's argparse.Namespace beside the weights.
-_LLAMAGEN_GLOBALS = (argparse.Namespace,)
+
+class LlamaGenVQ(ConvVQModel):
+    """LlamaGen's layout is the shared one; its training checkpoints may keep the run's argparse.Namespace."""
+
+    checkpoint_globals = (argparse.Namespace,)
+
 
 for _name, _config in {
     "llamagen_vq16": ConvVQConfig(),
@@ -23,4 +27,4 @@ for _name, _config in {
         codebook_size=4096, base_channels=16, channel_mult=(1, 2, 2), encoder_res_blocks=1, z_channels=64, norm_groups=0, code_dim=32
     ),
 }.items():
-    register_tokenizer(_name, TokenizerSpec(config=_config, allowed_globals=_LLAMAGEN_GLOBALS))
+    register_tokenizer(ConvVQFactory(LlamaGenVQ, _config), name=_name)

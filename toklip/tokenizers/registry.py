@@ -1,74 +1,124 @@
-"""Named tokenizer specs and the factory that builds (and optionally loads) them."""
+"""The tokenizer registry: names -> factory functions, as timm registers its models.
+
+A factory takes keyword options and returns a randomly initialised `VQTokenizer`; `build_tokenizer`
+then loads its checkpoint through the tokenizer's own `load_weights`. Register your own with the
+decorator, or name a `_target_` in a `tokenizer/` config (`register_configured_tokenizer`):
+
+    @toklip.register_tokenizer
+    def my_vq(codebook_size: int = 4096) -> VQTokenizer:
+        return MyVQ(codebook_size)
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from ..checkpoints import LoadReport, StateDict, describe_source, find_state_dict, load_state_dict_strict, read_checkpoint
-from .conv_vq import ConvVQConfig, ConvVQModel
+import torch
+from hydra.utils import get_object
 
-# (state dict in the family's own layout) -> (state dict in ours, keys dropped on purpose)
-KeyConverter = Callable[[StateDict, ConvVQConfig], tuple[StateDict, list[str]]]
+from ..config import ConfigError
+from .base import VQTokenizer
 
+TokenizerFactory = Callable[..., VQTokenizer]
+F = TypeVar("F", bound=TokenizerFactory)
 
-def keep_keys(state_dict: StateDict, config: ConvVQConfig) -> tuple[StateDict, list[str]]:
-    return state_dict, []
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    config: ConvVQConfig
-    convert_keys: KeyConverter = keep_keys
-    allowed_globals: tuple[Any, ...] = ()  # globals a checkpoint of this family may pickle
-    weights_keys: tuple[str, ...] = ("ema", "model", "state_dict")  # where weights sit, first found wins
+_FACTORIES: dict[str, TokenizerFactory] = {}
+log = logging.getLogger(__name__)
 
 
-_TOKENIZERS: dict[str, TokenizerSpec] = {}
+def register_tokenizer(factory: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Make `factory` buildable by `name` (default: the function's name); a name is registered once.
+    Use it bare (`@register_tokenizer`), with a name (`@register_tokenizer(name="x")`), or as a call."""
 
+    def add(factory: F) -> F:
+        key = name or factory.__name__
+        if key in _FACTORIES and _FACTORIES[key] != factory:
+            raise ValueError(f"tokenizer {key!r} is already registered (by {_FACTORIES[key]!r})")
+        _FACTORIES[key] = factory
+        return factory
 
-def register_tokenizer(name: str, spec: TokenizerSpec) -> None:
-    """Make `spec` buildable by `name`; a name is registered once."""
-    if name in _TOKENIZERS:
-        raise ValueError(f"tokenizer {name!r} is already registered")
-    _TOKENIZERS[name] = spec
+    return add if factory is None else add(factory)
 
 
 def available_tokenizers() -> list[str]:
     """The names `build_tokenizer` accepts."""
-    return sorted(_TOKENIZERS)
+    return sorted(_FACTORIES)
 
 
-def tokenizer_spec(name: str) -> TokenizerSpec:
+def tokenizer_factory(name: str) -> TokenizerFactory:
     try:
-        return _TOKENIZERS[name]
+        return _FACTORIES[name]
     except KeyError:
-        raise KeyError(f"unknown tokenizer {name!r}; available: {', '.join(available_tokenizers())}") from None
+        raise KeyError(
+            f"unknown tokenizer {name!r}; available: {', '.join(available_tokenizers())} "
+            "(register your own with toklip.register_tokenizer, or give a _target_ in its tokenizer/ config)"
+        ) from None
 
 
-def build_tokenizer(name: str, checkpoint: str | os.PathLike | None = None, *, source: str | None = None, **overrides: Any) -> ConvVQModel:
+def build_tokenizer(name: str, checkpoint: str | os.PathLike | None = None, *, source: str | None = None, **options: Any) -> VQTokenizer:
     """A frozen tokenizer by name, with random weights or strictly loaded from `checkpoint`.
 
-    `overrides` replace fields of the named config (e.g. `codebook_size=1024`); `source` names the
-    config key the checkpoint path came from, for error messages.
+    `options` go to the factory (the built-in families take fields of their config, e.g.
+    `codebook_size=1024`); `source` names the config key the checkpoint path came from, for errors.
     """
-    spec = tokenizer_spec(name)
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(ConvVQConfig)}
-    if unknown:
-        raise TypeError(f"unknown override(s) for tokenizer {name!r}: {', '.join(sorted(unknown))}")
-    tokenizer = ConvVQModel(dataclasses.replace(spec.config, **overrides))
+    tokenizer = tokenizer_factory(name)(**options)
+    if not isinstance(tokenizer, VQTokenizer):
+        raise TypeError(f"the factory of tokenizer {name!r} returned a {type(tokenizer).__name__}, not a toklip VQTokenizer")
     if checkpoint is not None:
-        load_tokenizer_weights(tokenizer, spec, checkpoint, source=source)
+        report = tokenizer.load_weights(checkpoint, source=source)
+        if report.ignored:
+            log.info("tokenizer %s loaded from %s; %s", name, checkpoint, report)
     return tokenizer
 
 
-def load_tokenizer_weights(
-    tokenizer: ConvVQModel, spec: TokenizerSpec, path: str | os.PathLike, *, source: str | None = None
-) -> LoadReport:
-    where = describe_source(path, source)
-    raw = read_checkpoint(path, source=source, allowed_globals=spec.allowed_globals)
-    state_dict, ignored = spec.convert_keys(find_state_dict(raw, spec.weights_keys, where=where), tokenizer.config)
-    return load_state_dict_strict(tokenizer, state_dict, where=where, ignored=ignored)
+def tokenizer_downsample(name: str) -> int:
+    """Pixels per token of a registered tokenizer, found without allocating its weights."""
+    with torch.device("meta"):
+        return build_tokenizer(name).downsample
+
+
+@dataclass(frozen=True)
+class ConfiguredTokenizer:
+    """The factory a `tokenizer/` config with a `_target_` names: its target called with its options."""
+
+    target: str
+    options: tuple[tuple[str, Any], ...]
+
+    def __call__(self, **overrides: Any) -> VQTokenizer:
+        return get_object(self.target)(**{**dict(self.options), **overrides})
+
+
+def register_configured_tokenizer(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A `tokenizer/` group's keys -> {name, checkpoint}, with its `_target_` (if any) registered as `name`.
+
+    Without `_target_` the group takes exactly `name` and `checkpoint`; with one, every other key is an
+    argument of the target (a factory or a `VQTokenizer` subclass). Errors name the key at fault.
+    """
+    settings = dict(settings)
+    target = settings.pop("_target_", None)
+    if "name" not in settings:
+        raise ConfigError("tokenizer: the group needs a name (the name its checkpoints and exports record)")
+    name, checkpoint = settings.pop("name"), settings.pop("checkpoint", None)
+    if target is None:
+        if settings:
+            raise ConfigError(
+                f"tokenizer: unknown key(s) {', '.join(f'tokenizer.{k}' for k in sorted(settings))}; it takes name, checkpoint"
+            )
+        return {"name": name, "checkpoint": checkpoint}
+    try:
+        factory = get_object(target)
+        inspect.signature(factory).bind(**settings)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"tokenizer._target_={target}: cannot import it ({err})") from None
+    except TypeError as err:
+        raise ConfigError(f"tokenizer: {target} does not take these arguments: {err}") from None
+    try:
+        register_tokenizer(ConfiguredTokenizer(target, tuple(sorted(settings.items()))), name=name)
+    except ValueError as err:
+        raise ConfigError(f"tokenizer.name={name}: {err}; give this tokenizer another name") from None
+    return {"name": name, "checkpoint": checkpoint}

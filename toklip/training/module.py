@@ -21,6 +21,7 @@ from ..models.presets import Preset
 from ..models.presets import preset as preset_spec
 from ..models.teacher import Teacher, init_from_teacher, teacher_state_dict
 from ..models.text import get_text_tokenizer_for
+from ..tokenizers import register_configured_tokenizer
 from .callbacks import ExportableModule
 from .optim import AdamWCosine
 from .validation import EvalSetsValidation
@@ -54,7 +55,7 @@ class _RunSettings:
         optim: Mapping[str, Any] | None,
     ) -> _RunSettings:
         parts = preset_spec(preset or "tiny_64")
-        tokenizer = group_settings("tokenizer", tokenizer, name=parts.tokenizer, checkpoint=None)
+        tokenizer = register_configured_tokenizer({"name": parts.tokenizer, "checkpoint": None, **(tokenizer or {})})
         backbone = group_settings("backbone", backbone, name=parts.backbone)
         text = group_settings("text", text, name=parts.text, tokenizer_path=None)
         teacher = group_settings("teacher", teacher, model=parts.teacher, checkpoint=None)
