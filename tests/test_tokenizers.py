@@ -7,13 +7,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 import toklip
+from toklip.checkpoints import compare_state_dict
 from toklip.tokenizers.base import nearest_code
+from toklip.tokenizers.ibq import best_dot_product_codes
 
 DATA = Path(__file__).parent / "data"
 
 
 def _reference_layout(name: str) -> dict[str, str]:
-    rows = (line.split("\t") for line in (DATA / name).read_text().splitlines() if line)
+    rows = (line.split("\t") for line in (DATA / name).read_text().splitlines() if line and not line.startswith("#"))
     return {key: shape for key, shape, *_ in rows}
 
 
@@ -209,3 +211,90 @@ def test_taming_lightning_checkpoint_loads_and_reports_ignored_loss_keys(tmp_pat
     report = loaded.load_weights(tmp_path / "last.ckpt")
     assert sorted(report.ignored) == ["loss.discriminator.main.0.weight", "loss.perceptual_loss.lin0.model.1.weight"]
     assert torch.equal(loaded.encode(images).indices, source.encode(images).indices)
+
+
+# ---- IBQ (SEED-Voken) ----------------------------------------------------------------------------------
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in text.strip("()").split(",") if n.strip())
+
+
+@pytest.mark.parametrize("codes", [1024, 8192, 16384, 262144])
+def test_ibq_reads_seed_vokens_lightning_layout(codes):
+    # SEED-Voken's keys (tests/data, from its configs/IBQ/gpu config), with their EMA shadows and loss keys.
+    generator = {key: _shape(shape) for key, shape in _reference_layout("ibq_262144_keys.tsv").items()}
+    generator["quantize.embedding.weight"] = (codes, 256)
+    with torch.device("meta"):
+        tokenizer = toklip.build_tokenizer(f"ibq_{codes}")
+        checkpoint = {key: torch.empty(shape) for key, shape in generator.items()}
+        checkpoint |= {f"model_ema.{key.replace('.', '')}": torch.empty(shape) for key, shape in generator.items()}
+        checkpoint |= {"model_ema.decay": torch.empty(()), "model_ema.num_updates": torch.empty(())}
+        checkpoint |= {key: torch.empty(_shape(shape)) for key, shape in _reference_layout("ibq_loss_keys.tsv").items()}
+    converted, ignored = tokenizer.convert_state_dict(checkpoint)
+    report = compare_state_dict(tokenizer, converted)
+    assert report.ok, str(report)
+    assert {key for key in ignored if key.startswith("loss.")} == set(_reference_layout("ibq_loss_keys.tsv"))
+    assert sum(p.numel() for p in tokenizer.parameters()) == 106_787_715 + codes * 256  # the reference's count
+    assert tokenizer.downsample == 16 and tokenizer.grid(512) == (32, 32)
+
+
+def _seed_voken_checkpoint(tokenizer, ema_noise: float, path) -> dict:
+    """`tokenizer`'s weights saved as SEED-Voken's IBQ saves them: taming names, EMA shadows (the weights
+    plus noise), loss keys. Returns the EMA weights in toklip's names."""
+    raw = {key: value.clone() for key, value in tokenizer.state_dict().items()}
+    ema = {key: value + ema_noise * torch.randn_like(value) for key, value in raw.items()}
+    state = _to_taming_layout(raw, levels=len(tokenizer.config.channel_mult))
+    ema_named = _to_taming_layout(ema, levels=len(tokenizer.config.channel_mult))
+    state |= {f"model_ema.{key.replace('.', '')}": value for key, value in ema_named.items()}
+    state |= {"model_ema.decay": torch.tensor(0.999), "model_ema.num_updates": torch.tensor(-1, dtype=torch.int32)}
+    state |= {"loss.discriminator.main.0.weight": torch.zeros(4, 3, 4, 4), "loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}
+    torch.save({"epoch": 1, "global_step": 10, "state_dict": state}, path)
+    return ema
+
+
+def test_ibq_checkpoint_loads_its_ema_weights_and_reports_what_it_drops(tmp_path, images, caplog):
+    source = toklip.build_tokenizer("ibq_tiny")
+    ema = _seed_voken_checkpoint(source, ema_noise=0.02, path=tmp_path / "ibq.ckpt")
+    with caplog.at_level("INFO", logger="toklip.tokenizers.registry"):
+        loaded = toklip.build_tokenizer("ibq_tiny", checkpoint=tmp_path / "ibq.ckpt")
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in ema.items())  # the EMA weights, not the raw
+    assert "loss.discriminator.main.0.weight" in caplog.text and "model_ema.decay" in caplog.text
+    source.load_state_dict(ema)
+    assert torch.equal(loaded.encode(images).indices, source.encode(images).indices)
+
+
+def test_ibq_indices_are_the_largest_dot_product_and_codes_the_codebook_rows(images):
+    tokenizer = toklip.build_tokenizer("ibq_tiny")
+    encoding = tokenizer.encode(images)
+    z = tokenizer.latents(images).permute(0, 2, 3, 1).reshape(-1, tokenizer.code_dim)
+    expected = (z @ tokenizer.codebook().t()).argmax(dim=1).view(encoding.indices.shape)
+    assert torch.equal(encoding.indices, expected)  # not the nearest code in L2: IBQ's codes have free norms
+    assert torch.equal(encoding.codes, tokenizer.lookup(encoding.indices))  # bit for bit, as the reference's quant
+
+
+@pytest.mark.parametrize("max_scores", [1, 37, 4096, 2**30])
+def test_ibq_search_in_pieces_equals_the_search_in_one_piece(max_scores):
+    generator = torch.Generator().manual_seed(0)
+    vectors, codebook = torch.randn(300, 32, generator=generator), torch.randn(5000, 32, generator=generator)
+    one_piece = (vectors @ codebook.t()).argmax(dim=1)
+    assert torch.equal(best_dot_product_codes(vectors, codebook, max_scores), one_piece)
+
+
+def test_ibq_ties_go_to_the_lower_index():
+    codebook = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0))
+    codebook[700] = codebook[3] = torch.full((8,), 5.0)  # equal scores, in different pieces of the search
+    codebook[512] = codebook[900] = torch.full((8,), -5.0)
+    vectors = torch.stack([torch.ones(8), -torch.ones(8)])
+    assert best_dot_product_codes(vectors, codebook, max_scores=100).tolist() == [3, 512]
+
+
+def test_ibq_search_memory_is_bounded_by_its_budget(monkeypatch):
+    # The search never holds more than `max_search_scores` scores at once, whatever the batch.
+    sizes = []
+    real_matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: sizes.append(a.shape[0] * b.shape[1]) or real_matmul(a, b))
+    tokenizer = toklip.build_tokenizer("ibq_tiny")
+    tokenizer.max_search_scores = 2048
+    tokenizer.encode(torch.rand(4, 3, 64, 64) * 2 - 1)
+    assert sizes and max(sizes) <= 2048

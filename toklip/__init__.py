@@ -14,7 +14,7 @@ from .models import (
     load_toklip,
 )
 from .tasks import encode, evaluate, train
-from .tokenizers import VQEncoding, VQTokenizer, available_tokenizers, build_tokenizer
+from .tokenizers import VQEncoding, VQTokenizer, available_tokenizers, build_tokenizer, register_tokenizer
 from .training import TokLIPModule
 
 __version__ = "0.1.0"
@@ -38,5 +38,6 @@ __all__ = [
     "get_text_tokenizer",
     "init_from_teacher",
     "load_toklip",
+    "register_tokenizer",
     "train",
 ]

@@ -87,9 +87,20 @@ def load_toklip(path: str | os.PathLike, preset: str | None = None, **overrides:
     parts = preset_of(preset) if preset is not None else _architecture_from_sidecar(path)
     parts = dataclasses.replace(parts, **overrides)
     model = build_toklip_from(parts, init_logit_bias=0.0 if "logit_bias" in state_dict else None)
-    report = load_state_dict_strict(model, state_dict, where=str(path))
+    state_dict, ignored = tokenizer_keys_to_ours(model, state_dict)
+    report = load_state_dict_strict(model, state_dict, where=str(path), ignored=ignored)
     log.info("loaded %s (%s): %s", path, parts, report)
     return model.eval()
+
+
+def tokenizer_keys_to_ours(model: TokLIP, state_dict: StateDict) -> tuple[StateDict, list[str]]:
+    """A checkpoint whose tokenizer (under `visual.trunk.vq.`) keeps its family's own key names (an IBQ in
+    SEED-Voken's) -> toklip's names, and the tokenizer keys it drops on purpose. toklip's own pass unchanged."""
+    prefix = "visual.trunk.vq."
+    inner = {key[len(prefix) :]: tensor for key, tensor in state_dict.items() if key.startswith(prefix)}
+    converted, ignored = model.tokenizer.convert_state_dict(inner)
+    outer = {key: tensor for key, tensor in state_dict.items() if not key.startswith(prefix)}
+    return {**outer, **{prefix + key: tensor for key, tensor in converted.items()}}, [prefix + key for key in ignored]
 
 
 def _architecture_from_sidecar(weights: Path) -> Preset:
@@ -133,7 +144,9 @@ def convert_released(checkpoint: str | os.PathLike, preset_name: str, out: str |
     state_dict = read_toklip_state_dict(checkpoint, source="checkpoint")
     with torch.device("meta"):
         model = build_toklip(preset_name, init_logit_bias=0.0 if "logit_bias" in state_dict else None)
+    state_dict, ignored = tokenizer_keys_to_ours(model, state_dict)
     report = compare_state_dict(model, state_dict)
+    report.ignored = ignored
     if not report.ok:
         raise ValueError(f"{checkpoint} does not fit preset {preset_name!r}:\n{report}")
     return export_toklip(state_dict, preset_of(preset_name), out, preset_name=preset_name)

@@ -72,9 +72,9 @@ class IBQTokenizer(TamingVQ):
         return z_q  # the reference's quantised latent equals the codebook rows bit for bit
 
     def convert_state_dict(self, state_dict: StateDict) -> tuple[StateDict, list[str]]:
-        weights, ignored = _ema_weights(state_dict)
+        weights, set_aside = _ema_weights(state_dict)
         converted, dropped = super().convert_state_dict(weights)
-        return converted, ignored + dropped
+        return converted, dropped + set_aside
 
 
 def _ema_weights(state_dict: StateDict) -> tuple[StateDict, list[str]]:
@@ -92,8 +92,8 @@ def _ema_weights(state_dict: StateDict) -> tuple[StateDict, list[str]]:
         )
     used = {key.replace(".", "") for key in generator}
     weights = {key: shadows[key.replace(".", "")] if key in generator else tensor for key, tensor in raw.items()}
-    ignored = [f"{key} (its EMA loaded)" for key in generator] + [EMA_PREFIX + key for key in shadows if key not in used]
-    return weights, ignored
+    unused_shadows = [EMA_PREFIX + key for key in shadows if key not in used]
+    return weights, [*unused_shadows, f"the {len(generator)} raw weights (their EMA copies loaded)"]
 
 
 def ibq_config(
