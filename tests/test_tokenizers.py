@@ -248,7 +248,10 @@ def _seed_voken_checkpoint(tokenizer, ema_noise: float, path) -> dict:
     ema_named = _to_taming_layout(ema, levels=len(tokenizer.config.channel_mult))
     state |= {f"model_ema.{key.replace('.', '')}": value for key, value in ema_named.items()}
     state |= {"model_ema.decay": torch.tensor(0.999), "model_ema.num_updates": torch.tensor(-1, dtype=torch.int32)}
-    state |= {"loss.discriminator.main.0.weight": torch.zeros(4, 3, 4, 4), "loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}
+    state |= {
+        "loss.discriminator.main.0.weight": torch.zeros(4, 3, 4, 4),
+        "loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1),
+    }
     torch.save({"epoch": 1, "global_step": 10, "state_dict": state}, path)
     return ema
 
