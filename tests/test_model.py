@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import toklip
-from toklip.checkpoints import CheckpointError
-from toklip.models.factory import convert_released, convert_teacher, export_toklip
+from toklip.checkpoints import CheckpointError, compare_state_dict
+from toklip.models.factory import convert_released, convert_teacher, export_toklip, tokenizer_keys_to_ours
 from toklip.models.teacher import Teacher, build_open_clip
 from toklip.models.token_encoder import CausalSelfAttention
 
@@ -250,3 +250,30 @@ def test_toklips_timm_models_carry_its_prefix():
     ours = set(timm.list_models("*tiny_patch*_siglip_*"))
     assert {"toklip_vit_tiny_patch8_siglip_64", "toklip_vit_tiny_patch4_siglip_32"} <= ours
     assert all(name.startswith("toklip_") for name in ours)  # nothing that could pass for one of timm's own
+
+
+def test_toklip_xl_512_reads_its_tokenizer_in_seed_vokens_names_and_reports_every_misfit():
+    # TokLIP-XL's release has no config: its inferred layout is the S/L one with an IBQ-262144 tokenizer
+    # under visual.trunk.vq., in SEED-Voken's (taming's) key names.
+    from test_tokenizers import _to_taming_layout
+
+    with torch.device("meta"):
+        model = toklip.build_toklip("toklip_xl_512")
+    ours = model.state_dict()
+    tokenizer = {k.removeprefix("visual.trunk.vq."): v for k, v in ours.items() if k.startswith("visual.trunk.vq.")}
+    released = {k: v for k, v in ours.items() if not k.startswith("visual.trunk.vq.")}
+    released |= {f"visual.trunk.vq.{k}": v for k, v in _to_taming_layout(tokenizer, levels=5).items()}
+    assert "visual.trunk.vq.encoder.down.4.attn.3.q.weight" in released and released["visual.trunk.vq.quantize.embedding.weight"].shape == (
+        262144,
+        256,
+    )
+    converted, ignored = tokenizer_keys_to_ours(model, released)
+    assert compare_state_dict(model, converted).ok and ignored == []
+    del released["visual.trunk.vq.decoder.up.0.block.4.conv2.bias"], released["logit_scale"]
+    released["visual.trunk.vq.loss.discriminator.main.0.weight"] = torch.empty(64, 3, 4, 4, device="meta")
+    converted, ignored = tokenizer_keys_to_ours(model, released)
+    report = compare_state_dict(model, converted)
+    report.ignored = ignored
+    assert set(report.missing) == {"logit_scale", "visual.trunk.vq.decoder.conv_blocks.4.res.4.conv2.bias"}
+    assert ignored == ["visual.trunk.vq.loss.discriminator.main.0.weight"]
+    assert "visual.trunk.vq.decoder.conv_blocks.4.res.4.conv2.bias" in report.describe() and "more" not in report.describe()

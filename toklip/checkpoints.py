@@ -134,22 +134,27 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def __str__(self) -> str:
-        lines = []
-        for title, keys in (("missing from the checkpoint", self.missing), ("unexpected in the checkpoint", self.unexpected)):
-            if keys:
-                lines.append(f"{len(keys)} {title}: {_abbreviate(keys)}")
-        if self.mismatched:
-            shown = ", ".join(f"{k} (model {m}, checkpoint {c})" for k, m, c in self.mismatched[:10])
-            more = f" and {len(self.mismatched) - 10} more" if len(self.mismatched) > 10 else ""
-            lines.append(f"{len(self.mismatched)} with another shape: {shown}{more}")
-        if self.ignored:
-            lines.append(f"{len(self.ignored)} ignored on purpose: {_abbreviate(self.ignored)}")
+        return self.describe(limit=10)
+
+    def describe(self, limit: int | None = None) -> str:
+        """The report, each list cut after `limit` entries (None: whole, as a failed load prints it)."""
+        mismatched = [f"{k} (model {m}, checkpoint {c})" for k, m, c in self.mismatched]
+        lines = [
+            f"{len(keys)} {title}: {_abbreviate(keys, limit)}"
+            for title, keys in (
+                ("missing from the checkpoint", self.missing),
+                ("unexpected in the checkpoint", self.unexpected),
+                ("with another shape", mismatched),
+                ("ignored on purpose", self.ignored),
+            )
+            if keys
+        ]
         return "\n".join(lines) or "all keys match"
 
 
-def _abbreviate(keys: list[str], limit: int = 10) -> str:
+def _abbreviate(keys: list[str], limit: int | None) -> str:
     shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+    return shown + (f" and {len(keys) - limit} more" if limit is not None and len(keys) > limit else "")
 
 
 def compare_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
@@ -171,7 +176,7 @@ def load_state_dict_strict(
     report = compare_state_dict(module, state_dict)
     report.ignored = list(ignored)
     if not report.ok:
-        raise CheckpointError(f"{where} does not fit {type(module).__name__}:\n{report}")
+        raise CheckpointError(f"{where} does not fit {type(module).__name__}; nothing was loaded:\n{report.describe()}")
     module.load_state_dict(state_dict, strict=True)
     return report
 

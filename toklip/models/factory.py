@@ -148,7 +148,7 @@ def convert_released(checkpoint: str | os.PathLike, preset_name: str, out: str |
     report = compare_state_dict(model, state_dict)
     report.ignored = ignored
     if not report.ok:
-        raise ValueError(f"{checkpoint} does not fit preset {preset_name!r}:\n{report}")
+        raise ValueError(f"{checkpoint} does not fit preset {preset_name!r}:\n{report.describe()}")
     return export_toklip(state_dict, preset_of(preset_name), out, preset_name=preset_name)
 
 
