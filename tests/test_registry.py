@@ -30,6 +30,9 @@ class PatchVQ(VQTokenizer):
     def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
         return self.to_image(codes)
 
+    def trainable_codebook(self) -> nn.Parameter:
+        return self.embedding.weight
+
 
 @toklip.register_tokenizer
 def patch_vq_32(**options) -> PatchVQ:
@@ -94,3 +97,17 @@ def test_a_users_tokenizer_trains_two_steps_and_exports(tiny_teacher_checkpoint,
     assert isinstance(exported.tokenizer, PatchVQ)
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     assert torch.allclose(exported.encode_image(images), module.model.eval().encode_image(images), atol=1e-6)
+
+
+def test_vq_training_trains_a_users_tokenizer_and_its_export_loads(synthetic_set, tmp_path, images):
+    module = toklip.training.VQTrainingModule(
+        {"name": "patch_vq_vq", "_target_": "test_registry.PatchVQ", "codebook_size": 16, "checkpoint": None},
+        restart_every=0,  # every code unused in a step is re-seeded: the codebook parameter is written
+        optim={"lr": 1e-3, "warmup_steps": 1},
+    )
+    before = {name: p.detach().clone() for name, p in module.vq.named_parameters()}
+    fit = trainer(max_steps=2, callbacks=[toklip.training.ExportModel(str(tmp_path), "tokenizer.safetensors")])
+    fit.fit(module, datamodule(synthetic_set, batch_size_per_device=4))
+    assert all(not torch.equal(p, before[name]) for name, p in module.vq.named_parameters())
+    loaded = toklip.build_tokenizer("patch_vq_vq", checkpoint=tmp_path / "tokenizer.safetensors")
+    assert torch.equal(loaded.encode(images).indices, module.vq.encode(images).indices)

@@ -183,9 +183,11 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 
 def load_model(cfg: DictConfig) -> TokLIP:
     """`cfg.checkpoint`: a training checkpoint (frozen parts rebuilt from its recorded sources), a
-    released file or an export (`load_toklip`); with none, the configured architecture at random init."""
+    released file or an export (`load_toklip`); with none, the configured architecture at random init.
+    A tokenizer the config gives by `_target_` is registered first, so that files naming it load."""
+    parts = preset_from_config(cfg)
     if cfg.checkpoint is None:
-        return build_toklip_from(preset_from_config(cfg), tokenizer_checkpoint=cfg.tokenizer.checkpoint)
+        return build_toklip_from(parts, tokenizer_checkpoint=cfg.tokenizer.checkpoint)
     path = Path(cfg.checkpoint)
     if path.suffix == ".ckpt" and "toklip" in read_checkpoint(path, source="checkpoint"):
         return TokLIPModule.load_from_checkpoint(path, map_location="cpu", weights_only=True).model

@@ -21,7 +21,7 @@ from ..models.factory import load_toklip
 from ..models.teacher import load_open_clip, open_clip_config, read_open_clip_state_dict
 from ..models.text import get_text_tokenizer_for
 from ..tasks import train
-from ..tokenizers import build_tokenizer
+from ..tokenizers import build_tokenizer, register_configured_tokenizer
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def evaluate_all(out: Path, stage_cfg: DictConfig) -> dict[str, Any]:
     teacher_name = stage_cfg.teacher.model
     tokenizer = get_text_tokenizer_for(open_clip_config(teacher_name)["text_cfg"])
     teacher = load_open_clip(teacher_name, read_open_clip_state_dict(out / "teacher" / ARTIFACTS["teacher"]))
-    vq = build_tokenizer(stage_cfg.tokenizer.name, checkpoint=out / "vq" / ARTIFACTS["vq"])
+    vq_name = register_configured_tokenizer(OmegaConf.to_container(stage_cfg.tokenizer, resolve=True))["name"]
+    vq = build_tokenizer(vq_name, checkpoint=out / "vq" / ARTIFACTS["vq"])
     return {
         "classes": len(next(d for d in eval_sets.values() if hasattr(d, "classnames")).classnames),
         "teacher": evaluate(teacher, eval_sets, tokenizer, num_workers=0),

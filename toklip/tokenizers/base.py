@@ -127,6 +127,11 @@ class VQTokenizer(nn.Module):
         """Code vectors (B, C, h, w) -> images (B, 3, H, W), roughly in [-1, 1]."""
         raise NotImplementedError
 
+    def trainable_codebook(self) -> nn.Parameter:
+        """The parameter whose rows are the codes, which toklip's VQ training re-seeds when codes die.
+        Only a tokenizer that has one can be trained by it (`model=vq`); any can be used frozen."""
+        raise NotImplementedError(f"{type(self).__name__} has no trainable codebook: toklip's VQ training cannot train it")
+
     def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")

@@ -156,6 +156,9 @@ class ConvVQModel(VQTokenizer):
     def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(codes))
 
+    def trainable_codebook(self) -> nn.Parameter:
+        return self.quantize.embedding.weight
+
 
 @dataclass(frozen=True)
 class ConvVQFactory:

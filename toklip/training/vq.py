@@ -1,7 +1,8 @@
-"""VQTrainingModule: trains a LlamaGen-family VQ tokenizer (reconstruction + codebook + commitment).
+"""VQTrainingModule: trains a VQ tokenizer (reconstruction + codebook + commitment): the LlamaGen and
+taming families, or any registered tokenizer with a `trainable_codebook`.
 
-toklip's tokenizers are frozen by design; this module unfreezes one to train it and exports weights
-that `toklip.build_tokenizer(name, checkpoint=...)` loads. Codes are searched as in `encode` (unit
+toklip's tokenizers are frozen by design; this module unfreezes one to train it (from random init, or
+from `tokenizer.checkpoint`) and exports weights that `toklip.build_tokenizer(name, checkpoint=...)` loads. Codes are searched as in `encode` (unit
 norm for LlamaGen), the decoder reads them through a straight-through estimator, and codes unused
 for `restart_every` steps are re-seeded from the current batch's latents (dead-code restart).
 
@@ -26,7 +27,7 @@ from ..config import settings_from_group
 from ..distributed import from_rank_zero_, sum_over_ranks_
 from ..evaluation.reconstruction import psnr
 from ..models.teacher import Teacher, teacher_state_dict
-from ..tokenizers import build_tokenizer
+from ..tokenizers import build_tokenizer, register_configured_tokenizer
 from .callbacks import ExportableModule
 from .optim import AdamWCosine
 
@@ -36,7 +37,7 @@ _TEACHER_PREFIX = "perceptual_teacher."
 class VQTrainingModule(ExportableModule, L.LightningModule):
     def __init__(
         self,
-        tokenizer: str = "llamagen_tiny",
+        tokenizer: str | Mapping[str, Any] = "llamagen_tiny",
         *,
         commitment_weight: float = 0.25,
         codebook_weight: float = 1.0,
@@ -49,9 +50,9 @@ class VQTrainingModule(ExportableModule, L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.optim = settings_from_group(AdamWCosine, "optim", optim)
-        self.vq = build_tokenizer(tokenizer).requires_grad_(True)
-        if hasattr(self.vq.quantize, "codebook_used"):
-            self.vq.quantize.codebook_used.requires_grad_(False)
+        settings = register_configured_tokenizer({"name": tokenizer} if isinstance(tokenizer, str) else tokenizer)
+        self.tokenizer_name = settings["name"]
+        self.vq = build_tokenizer(self.tokenizer_name, settings["checkpoint"], source="tokenizer.checkpoint").requires_grad_(True)
         self.perceptual_teacher = self._build_perceptual_teacher(perceptual_weight, perceptual_teacher, perceptual_teacher_checkpoint)
         self.register_buffer("last_used", torch.zeros(self.vq.codebook_size, dtype=torch.long), persistent=False)
         self._step_codes: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -138,7 +139,7 @@ class VQTrainingModule(ExportableModule, L.LightningModule):
             return dead
         pool = latents.reshape(-1, latents.shape[-1])
         picks = pool[torch.randint(pool.shape[0], (dead.numel(),), device=pool.device)]
-        self.vq.quantize.embedding.weight[dead] = from_rank_zero_(picks + 0.01 * torch.randn_like(picks))
+        self.vq.trainable_codebook()[dead] = from_rank_zero_(picks + 0.01 * torch.randn_like(picks))
         self.last_used[dead] = step
         return dead
 
@@ -167,4 +168,4 @@ class VQTrainingModule(ExportableModule, L.LightningModule):
 
     def export_contents(self) -> tuple[StateDict, dict[str, str]]:
         """The tokenizer's weights: `toklip.build_tokenizer(name, checkpoint=out)` loads them."""
-        return {k: v.detach().cpu() for k, v in self.vq.state_dict().items()}, {"tokenizer": self.hparams.tokenizer}
+        return {k: v.detach().cpu() for k, v in self.vq.state_dict().items()}, {"tokenizer": self.tokenizer_name}
