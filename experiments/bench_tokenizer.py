@@ -81,7 +81,7 @@ def main() -> None:
                 encode = _images_per_second(lambda t=tokenizer, x=images: t.encode(x), args.batch, args.iters, device)
                 decode = _images_per_second(lambda t=tokenizer, i=indices: t.decode(i), args.batch, args.iters, device)
                 h, w = tokenizer.grid(size)
-                print(f"| {tokenizer_name} | {size} | {dtype_name} | {h}x{w} | {encode:.1f} | {decode:.1f} |", flush=True)
+                print(f"| {tokenizer_name} | {size} | {dtype_name} | {h}x{w} | {encode:.3g} | {decode:.3g} |", flush=True)
     for tokenizer_name in args.ibq:
         tokenizer = toklip.build_tokenizer(tokenizer_name).to(device)
         print(f"\n{tokenizer_name}: search (images/s) and its memory (MiB of scores)\n")
