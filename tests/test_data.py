@@ -466,13 +466,15 @@ def test_loader_workers_leave_sigterm_to_the_main_process(eighty):
     assert len([first, *batches]) == len(loader)  # every batch still comes
 
 
-def test_a_process_with_live_signal_safe_workers_exits_at_once():
+@pytest.mark.parametrize("pool", ["live", "lost"])
+def test_a_process_with_signal_safe_workers_exits_at_once(pool):
     # Workers that ignore SIGTERM would hang multiprocessing's exit handler (it SIGTERMs and joins them)
-    # unless their pools are shut down first.
+    # unless they are stopped first: a live pool by its shutdown, workers of a pool lost without one
+    # (as one collected in a reference cycle can be) by SIGKILL.
     script = (
         "import torch, toklip.data.workers as w\n"
         "loader = w.SignalSafeLoader(torch.arange(64), batch_size=4, num_workers=2, persistent_workers=True)\n"
-        "batches = iter(loader); next(batches)\n"
+        "batches = iter(loader); next(batches)\n" + ("w._live_pools.discard(batches)\n" if pool == "lost" else "")
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -2,9 +2,10 @@
 
 A cluster that preempts a job signals its whole process group. The main process stops at the next
 step boundary and checkpoints; a worker killed by the same signal would fail the run under it
-("DataLoader worker ... killed by signal") first. So workers ignore SIGTERM, and their pools are
-shut down through the loader's own protocol instead: when the data module is torn down, and at
-interpreter exit before multiprocessing's exit handler, which would SIGTERM them and wait forever.
+("DataLoader worker ... killed by signal") first. So workers ignore SIGTERM, and are stopped otherwise:
+by the loader's own shutdown when their iterator goes, and at interpreter exit, before multiprocessing's
+exit handler (which would SIGTERM them and wait forever), through that shutdown for every live pool and
+SIGKILL for any worker it left (a pool collected in a reference cycle may never have told its workers).
 A worker still dies with a main process that is killed outright (torch's parent watchdog).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import atexit
 import signal
 import weakref
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from lightning.fabric.utilities.seed import pl_worker_init_function
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 _live_pools: weakref.WeakSet[_MultiProcessingDataLoaderIter] = weakref.WeakSet()
+_workers: list[BaseProcess] = []  # every worker this process started for a SignalSafeLoader and that may live
 
 
 def _init_worker(worker_id: int) -> None:
@@ -28,10 +31,15 @@ def _init_worker(worker_id: int) -> None:
 
 
 def shut_down_worker_pools() -> None:
-    """Stop every live worker pool of a `SignalSafeLoader` (each worker exits on its own)."""
+    """Stop every worker of a `SignalSafeLoader`: live pools through their shutdown, stragglers by SIGKILL."""
     for pool in list(_live_pools):
         pool._shutdown_workers()
     _live_pools.clear()
+    for worker in _workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+    _workers.clear()
 
 
 # Registered after torch imported multiprocessing, so it runs before multiprocessing's exit handler.
@@ -50,4 +58,5 @@ class SignalSafeLoader(DataLoader):
         iterator = super()._get_iterator()
         if isinstance(iterator, _MultiProcessingDataLoaderIter):
             _live_pools.add(iterator)
+            _workers[:] = [worker for worker in _workers if worker.is_alive()] + iterator._workers
         return iterator
