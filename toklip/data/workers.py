@@ -35,10 +35,15 @@ def shut_down_worker_pools() -> None:
     for pool in list(_live_pools):
         pool._shutdown_workers()
     _live_pools.clear()
-    for worker in _workers:
-        if worker.is_alive():
-            worker.kill()
-            worker.join(timeout=5)
+    stragglers = [worker for worker in _workers if worker.is_alive()]
+    if stragglers:
+        # torch's SIGCHLD handler would raise on the first kill ("worker killed by signal") and end this
+        # handler before the others; at exit there is no loader left to protect.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in stragglers:
+        worker.kill()
+    for worker in stragglers:
+        worker.join(timeout=5)
     _workers.clear()
 
 
