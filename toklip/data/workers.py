@@ -12,6 +12,7 @@ A worker still dies with a main process that is killed outright (torch's parent 
 from __future__ import annotations
 
 import atexit
+import os
 import signal
 import weakref
 from multiprocessing.process import BaseProcess
@@ -30,12 +31,18 @@ def _init_worker(worker_id: int) -> None:
     pl_worker_init_function(worker_id)  # seeded as Lightning seeds workers
 
 
+def _live_workers_of_this_process() -> list[BaseProcess]:
+    # A process forked after the list was filled (a fork-based launcher) inherits it, but can neither
+    # test nor stop its parent's workers.
+    return [worker for worker in _workers if worker._parent_pid == os.getpid() and worker.is_alive()]
+
+
 def shut_down_worker_pools() -> None:
     """Stop every worker of a `SignalSafeLoader`: live pools through their shutdown, stragglers by SIGKILL."""
     for pool in list(_live_pools):
         pool._shutdown_workers()
     _live_pools.clear()
-    stragglers = [worker for worker in _workers if worker.is_alive()]
+    stragglers = _live_workers_of_this_process()
     if stragglers:
         # torch's SIGCHLD handler would raise on the first kill ("worker killed by signal") and end this
         # handler before the others; at exit there is no loader left to protect.
@@ -63,5 +70,5 @@ class SignalSafeLoader(DataLoader):
         iterator = super()._get_iterator()
         if isinstance(iterator, _MultiProcessingDataLoaderIter):
             _live_pools.add(iterator)
-            _workers[:] = [worker for worker in _workers if worker.is_alive()] + iterator._workers
+            _workers[:] = _live_workers_of_this_process() + iterator._workers
         return iterator
