@@ -312,6 +312,7 @@ def test_a_preempted_run_says_so_keeps_its_step_and_resumes(tiny_teacher_checkpo
     signal_at_2 = ("+callbacks.sigterm._target_=test_training.SignalAtStep", "+callbacks.sigterm.step=2")
     with pytest.raises(RunPreempted, match=r"stopped by a signal at step 2 before the run finished; .* resume=latest"):
         toklip.train(composed(*run, *signal_at_2, output_dir=tmp_path / "run"))
+    assert not any(worker.is_alive() for worker in toklip.data.workers._workers)  # its loader workers are stopped, not orphaned
     checkpoints = tmp_path / "run" / "checkpoints"
     assert torch.load(checkpoints / "preempted-step00000002.ckpt", weights_only=True)["global_step"] == 2
     assert not (tmp_path / "run" / "toklip.safetensors").exists()  # an unfinished run exports nothing

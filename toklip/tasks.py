@@ -34,6 +34,7 @@ from .data.eval_sets import build_eval_sets
 from .data.synthetic import SyntheticConfig, SyntheticPaths
 from .data.synthetic import make_synthetic as write_synthetic
 from .data.transforms import eval_transform
+from .data.workers import shut_down_worker_pools
 from .encoding import encode_images
 from .evaluation import evaluate as evaluate_model
 from .models.factory import build_toklip_from, convert_released, convert_teacher, load_toklip
@@ -109,6 +110,8 @@ def _fit(cfg: DictConfig, data_cfg: dict[str, Any], ckpt_path: str | None) -> di
             f"stopped by a signal at step {trainer.global_step} before the run finished; its checkpoint is in "
             f"{cfg.paths.output_dir}/checkpoints (continue with resume=latest)"
         ) from None
+    finally:
+        shut_down_worker_pools()
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         replace_file(Path(cfg.paths.output_dir) / METRICS_FILE, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())

@@ -5,7 +5,7 @@ step boundary and checkpoints; a worker killed by the same signal would fail the
 ("DataLoader worker ... killed by signal") first. So workers ignore SIGTERM, and are stopped otherwise:
 by the loader's own shutdown when their iterator goes, and at interpreter exit, before multiprocessing's
 exit handler (which would SIGTERM them and wait forever), through that shutdown for every live pool and
-SIGKILL for any worker it left (a pool collected in a reference cycle may never have told its workers).
+SIGKILL for any worker it left. `toklip.train` shuts its pools down when its fit ends, however it ends.
 A worker still dies with a main process that is killed outright (torch's parent watchdog).
 """
 
@@ -38,10 +38,17 @@ def _live_workers_of_this_process() -> list[BaseProcess]:
 
 
 def shut_down_worker_pools() -> None:
-    """Stop every worker of a `SignalSafeLoader`: live pools through their shutdown, stragglers by SIGKILL."""
+    """Stop the workers of every live `SignalSafeLoader` pool through the loader's own shutdown: at the end
+    of a fit, rather than whenever garbage collection gets to them (a shutdown run by the collector, e.g.
+    inside a `torch.device("meta")` block, was seen to leave its worker waiting for ever)."""
     for pool in list(_live_pools):
         pool._shutdown_workers()
     _live_pools.clear()
+
+
+def _stop_all_workers_at_exit() -> None:
+    """Shut down the live pools, then SIGKILL any worker a pool left behind."""
+    shut_down_worker_pools()
     stragglers = _live_workers_of_this_process()
     if stragglers:
         # torch's SIGCHLD handler would raise on the first kill ("worker killed by signal") and end this
@@ -55,7 +62,7 @@ def shut_down_worker_pools() -> None:
 
 
 # Registered after torch imported multiprocessing, so it runs before multiprocessing's exit handler.
-atexit.register(shut_down_worker_pools)
+atexit.register(_stop_all_workers_at_exit)
 
 
 class SignalSafeLoader(DataLoader):
