@@ -28,7 +28,7 @@ from .presets import REFERENCE_MODEL_NAMES, Preset
 from .presets import preset as preset_of
 from .teacher import build_open_clip, find_teacher_weights, read_open_clip_state_dict
 from .text import TextTokenizer, get_text_tokenizer_for
-from .toklip import TokLIP
+from .toklip import TOKENIZER_PREFIX, TokLIP
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,12 @@ def load_toklip(path: str | os.PathLike, preset: str | None = None, **overrides:
 
 
 def tokenizer_keys_to_ours(model: TokLIP, state_dict: StateDict) -> tuple[StateDict, list[str]]:
-    """A checkpoint whose tokenizer (under `visual.trunk.vq.`) keeps its family's own key names (an IBQ in
+    """A checkpoint whose tokenizer (under `TOKENIZER_PREFIX`) keeps its family's own key names (an IBQ in
     SEED-Voken's) -> toklip's names, and the tokenizer keys it drops on purpose. toklip's own pass unchanged."""
-    prefix = "visual.trunk.vq."
-    inner = {key[len(prefix) :]: tensor for key, tensor in state_dict.items() if key.startswith(prefix)}
+    inner = {key.removeprefix(TOKENIZER_PREFIX): tensor for key, tensor in state_dict.items() if key.startswith(TOKENIZER_PREFIX)}
     converted, ignored = model.tokenizer.convert_state_dict(inner)
-    outer = {key: tensor for key, tensor in state_dict.items() if not key.startswith(prefix)}
-    return {**outer, **{prefix + key: tensor for key, tensor in converted.items()}}, [prefix + key for key in ignored]
+    outer = {key: tensor for key, tensor in state_dict.items() if not key.startswith(TOKENIZER_PREFIX)}
+    return {**outer, **{TOKENIZER_PREFIX + key: tensor for key, tensor in converted.items()}}, [TOKENIZER_PREFIX + key for key in ignored]
 
 
 def _architecture_from_sidecar(weights: Path) -> Preset:

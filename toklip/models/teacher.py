@@ -25,6 +25,7 @@ from ..checkpoints import (
 )
 from .backbones import BACKBONES
 from .text import text_config
+from .toklip import TOKENIZER_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def init_from_teacher(student: nn.Module, teacher_state: Mapping[str, torch.Tens
     The VQ is never touched (it comes from its own checkpoint). Fails when no transformer block was
     copied: the teacher's backbone does not match the student's.
     """
-    own = {k: v for k, v in student.state_dict().items() if not k.startswith("visual.trunk.vq.")}
+    own = {k: v for k, v in student.state_dict().items() if not k.startswith(TOKENIZER_PREFIX)}
     report = InitReport()
     to_copy = {}
     for key, tensor in teacher_state.items():

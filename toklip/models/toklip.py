@@ -16,6 +16,8 @@ from .backbones import BackboneSpec
 from .text import build_text_tower
 from .token_encoder import TokenEncoder
 
+TOKENIZER_PREFIX = "visual.trunk.vq."  # where a TokLIP state dict keeps its frozen VQ tokenizer
+
 
 class TokLIPVisual(nn.Module):
     """Holds the trunk at `visual.trunk`, the release's layout (open_clip's TimmModel with no head)."""
@@ -111,7 +113,7 @@ class TokLIP(nn.Module):
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Trunk (without the VQ) and logit scale/bias: what TokLIP trains. The text tower is frozen."""
-        return {name: p for name, p in self.named_parameters() if not name.startswith(("text.", "visual.trunk.vq."))}
+        return {name: p for name, p in self.named_parameters() if not name.startswith(("text.", TOKENIZER_PREFIX))}
 
     def train(self, mode: bool = True) -> TokLIP:
         super().train(mode)

@@ -144,8 +144,12 @@ class VQTokenizer(nn.Module):
         if self.l2_normalized:
             z = F.normalize(z, p=2, dim=-1)
         codebook = self.codebook().to(z.dtype)
-        indices = nearest_code(z.reshape(-1, self.code_dim).detach(), codebook.detach()).view(z.shape[:-1])
+        indices = self.search_codes(z.reshape(-1, self.code_dim).detach(), codebook.detach()).view(z.shape[:-1])
         return indices, z, codebook[indices]
+
+    def search_codes(self, vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """The code of each row of `vectors` (N, C) in `codebook` (K, C) -> (N,): the nearest (L2) for VQ."""
+        return nearest_code(vectors, codebook)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> VQEncoding:

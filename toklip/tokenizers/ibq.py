@@ -61,12 +61,9 @@ class IBQTokenizer(TamingVQ):
     checkpoint_weights_keys = ("state_dict",)
     max_search_scores: int | None = None
 
-    def quantize_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = latents.permute(0, 2, 3, 1).contiguous()
-        codebook = self.codebook().to(z.dtype)
-        budget = self.max_search_scores or MAX_SCORES.get(z.device.type, MAX_SCORES["cuda"])
-        indices = best_dot_product_codes(z.reshape(-1, self.code_dim).detach(), codebook.detach(), budget).view(z.shape[:-1])
-        return indices, z, codebook[indices]
+    def search_codes(self, vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        budget = self.max_search_scores or MAX_SCORES.get(vectors.device.type, MAX_SCORES["cuda"])
+        return best_dot_product_codes(vectors, codebook, budget)
 
     def encoded_codes(self, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
         return z_q  # the reference's quantised latent equals the codebook rows bit for bit

@@ -21,6 +21,7 @@ from ..models.presets import Preset
 from ..models.presets import preset as preset_spec
 from ..models.teacher import Teacher, init_from_teacher, teacher_state_dict
 from ..models.text import get_text_tokenizer_for
+from ..models.toklip import TOKENIZER_PREFIX
 from ..tokenizers import register_configured_tokenizer
 from .callbacks import ExportableModule
 from .optim import AdamWCosine
@@ -241,7 +242,7 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         keys = {f"model.{name}" for name in self.model.trainable_parameters()}
         sourceless = [
             prefix
-            for prefix, source in (("model.visual.trunk.vq.", self.tokenizer_cfg["checkpoint"]), ("model.text.", self.teacher))
+            for prefix, source in ((f"model.{TOKENIZER_PREFIX}", self.tokenizer_cfg["checkpoint"]), ("model.text.", self.teacher))
             if source is None
         ]
         keys |= {key for key in self.state_dict() if key.startswith(tuple(sourceless))} if sourceless else set()
