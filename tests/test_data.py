@@ -180,7 +180,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
         assert "stream" not in batch
         got += batch["text"][:, 0].tolist()
     assert sorted(got) == [*range(10), 105]  # json captions are read
-    assert dm.skip_counts() == {"no_image": 1, "no_caption": 1, "empty_caption": 1, "corrupt_image": 2, "too_large": 1, "bad_shard": 0}
+    assert dm.skip_counts() == {"no_image": 1, "no_caption": 1, "empty_caption": 1, "corrupt_image": 2, "too_large": 1, "bad_record": 0, "bad_shard": 0}
     metrics = dm.data_metrics()
     assert metrics["data/skipped_corrupt_image"] == 2.0 and metrics["data/bad_shards"] == 0.0
 

@@ -49,7 +49,7 @@ class _EpochLoader(SignalSafeLoader):
         self.dataset.epoch.set(self._epoch_of_trainer())
         batches = 0
         for item in super().__iter__():
-            if "image" not in item:
+            if item.keys() == {"stream"}:
                 self._on_report(item["stream"])
                 batches += int(item["stream"][2])  # the batches that worker produced this epoch
                 continue

@@ -1,4 +1,4 @@
-"""One WebDataset sample -> (image tensor, caption tokens), or the reason it must be skipped."""
+"""One WebDataset sample -> {"image": tensor, "text": caption tokens}, or the reason it must be skipped."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Why a sample was skipped; each is counted and reported as data/skipped_<reason>.
-SKIP_REASONS = ("no_image", "no_caption", "empty_caption", "corrupt_image", "too_large")
+SKIP_REASONS = ("no_image", "no_caption", "empty_caption", "corrupt_image", "too_large", "bad_record")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb bound (about 0.25 GB as RGB)
 
 
@@ -85,16 +85,22 @@ def caption_of(sample: dict[str, Any]) -> str:
 
 @dataclass
 class SampleDecoder:
-    """Turns a raw sample into (image, tokens); picklable, so it runs in the loader's workers."""
+    """Turns a raw sample into {"image", "text" (tokens)}; picklable, so it runs in the loader's workers."""
 
     image_transform: Callable[[Image.Image], torch.Tensor]
     text_tokenizer: Callable[[list[str]], torch.Tensor]
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
-    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if data is None:
-            raise SkippedSample("no_image")
+    def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        data = image_bytes(sample)
         caption = caption_of(sample)
         image = open_image(data, self.max_image_pixels)
-        return self.image_transform(image), self.text_tokenizer([caption])[0]
+        return {"image": self.image_transform(image), "text": self.text_tokenizer([caption])[0]}
+
+
+def image_bytes(sample: dict[str, Any]) -> bytes:
+    """The encoded image of a WebDataset sample (the first of IMAGE_EXTENSIONS it has)."""
+    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if data is None:
+        raise SkippedSample("no_image")
+    return data

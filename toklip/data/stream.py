@@ -21,14 +21,15 @@ import math
 import multiprocessing
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
-from .samples import SKIP_REASONS, SampleDecoder, SkippedSample
+from .samples import SKIP_REASONS, SkippedSample
 from .sources import ShardSource, tar_samples
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class ShardStream(IterableDataset):
     def __init__(
         self,
         sources: Sequence[ShardSource],
-        decoder: SampleDecoder,
+        decoder: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
         *,
         batch_size: int,
         num_batches: int,
@@ -198,11 +199,9 @@ class ShardStream(IterableDataset):
         yield {"stream": self._stream_tensor((worker, max(position, skip), produced), counts)}
 
     @staticmethod
-    def _collate(
-        batch: list[tuple[torch.Tensor, torch.Tensor]], head: tuple[int, int, int], counts: Mapping[str, int]
-    ) -> dict[str, torch.Tensor]:
-        images, texts = zip(*batch)
-        return {"image": torch.stack(images), "text": torch.stack(texts), "stream": ShardStream._stream_tensor(head, counts)}
+    def _collate(batch: list[dict[str, torch.Tensor]], head: tuple[int, int, int], counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        stacked = {name: torch.stack([sample[name] for sample in batch]) for name in batch[0]}
+        return {**stacked, "stream": ShardStream._stream_tensor(head, counts)}
 
     @staticmethod
     def _stream_tensor(head: tuple[int, int, int], counts: Mapping[str, int]) -> torch.Tensor:

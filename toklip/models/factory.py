@@ -22,7 +22,7 @@ from ..checkpoints import (
     sidecar_path,
     strip_prefix,
 )
-from ..tokenizers import build_tokenizer
+from ..tokenizers import CodebookLookup, build_tokenizer
 from .backbones import backbone_spec
 from .presets import REFERENCE_MODEL_NAMES, Preset
 from .presets import preset as preset_of
@@ -56,11 +56,20 @@ def build_toklip(
 
 
 def build_toklip_from(
-    parts: Preset, *, tokenizer_checkpoint: str | os.PathLike | None = None, init_logit_bias: float | None = None
+    parts: Preset,
+    *,
+    tokenizer_checkpoint: str | os.PathLike | None = None,
+    init_logit_bias: float | None = None,
+    student_only: bool = False,
 ) -> TokLIP:
-    """A TokLIP model from its parts, randomly initialised (the VQ loaded when a checkpoint is given)."""
+    """A TokLIP model from its parts, randomly initialised (the VQ loaded when a checkpoint is given).
+    `student_only`: what training from a cache needs, the codebook and the token encoder (no VQ
+    encoder or decoder, no text tower); its trainable weights have the whole model's names."""
     tokenizer = build_tokenizer(parts.tokenizer, checkpoint=tokenizer_checkpoint, source="tokenizer.checkpoint")
-    return TokLIP(tokenizer, backbone_spec(parts.backbone), parts.image_size, parts.text, init_logit_bias=init_logit_bias)
+    if student_only:
+        tokenizer = CodebookLookup(tokenizer)
+    text = None if student_only else parts.text
+    return TokLIP(tokenizer, backbone_spec(parts.backbone), parts.image_size, text, init_logit_bias=init_logit_bias)
 
 
 def read_toklip_state_dict(path: str | os.PathLike, *, source: str | None = None) -> StateDict:

@@ -11,7 +11,7 @@ from open_clip.transform import PreprocessCfg
 from torch import nn
 
 from ..data.transforms import preprocess_config
-from ..tokenizers import VQTokenizer
+from ..tokenizers import CodebookLookup, VQTokenizer
 from .backbones import BackboneSpec
 from .text import build_text_tower
 from .token_encoder import TokenEncoder
@@ -35,14 +35,16 @@ class TokLIP(nn.Module):
 
     The image embedding is the pooled trunk output itself (width = embed dim, no projection).
     The text tower is frozen three ways, as in the release: no grad, eval mode, no_grad calls.
+    The student alone (what training from a cache needs: `build_toklip_from(..., student_only=True)`)
+    has a `CodebookLookup` for its tokenizer and no text tower (`text=None`).
     """
 
     def __init__(
         self,
-        tokenizer: VQTokenizer,
+        tokenizer: VQTokenizer | CodebookLookup,
         backbone: BackboneSpec,
         image_size: int,
-        text: str | dict[str, Any],
+        text: str | dict[str, Any] | None,
         init_logit_scale: float = math.log(10),
         init_logit_bias: float | None = None,
     ) -> None:
@@ -50,7 +52,7 @@ class TokLIP(nn.Module):
         self.image_size = image_size
         self.text_spec = text  # the tower's name (or config): its tokenizer comes from it
         self.visual = TokLIPVisual(TokenEncoder(tokenizer, backbone, tokenizer.grid(image_size)))
-        self.text = build_text_tower(text, embed_dim=backbone.width).requires_grad_(False).eval()
+        self.text = None if text is None else build_text_tower(text, embed_dim=backbone.width).requires_grad_(False).eval()
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         # The release drops the bias (a softmax loss leaves it unused, which breaks DDP); SigLIP uses it.
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
@@ -86,14 +88,21 @@ class TokLIP(nn.Module):
         """(B, 3, H, W) in [-1, 1] -> image embeddings (B, D), L2-normalised with `normalize`."""
         return self._maybe_normalize(self.visual(images), normalize)
 
-    def encode_indices(self, indices: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Image embedding from VQ indices (B, h, w) alone: the token-cache path, no VQ encoder run."""
+    def encode_indices(
+        self, indices: torch.Tensor, normalize: bool = False, return_tokens: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Image embedding (B, D) from VQ indices (B, h, w) alone: the token-cache path, no VQ encoder
+        run; with `return_tokens`, also the per-token features (B, N, D). What training steps run."""
         trunk = self.visual.trunk
-        return self._maybe_normalize(trunk.pool(trunk.features_from_codes(self.tokenizer.lookup(indices))), normalize)
+        tokens = trunk.features_from_codes(self.tokenizer.lookup(indices))
+        embedding = self._maybe_normalize(trunk.pool(tokens), normalize)
+        return (embedding, tokens) if return_tokens else embedding
 
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Token ids (B, L) from the model's text tokenizer -> text embeddings (B, D) (the frozen tower)."""
+        if self.text is None:
+            raise TypeError("this model was built to train from cached text embeddings: it has no text tower (load the export instead)")
         return self._maybe_normalize(self.text(tokens), normalize)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, return_tokens: bool = False) -> dict[str, torch.Tensor | None]:
@@ -117,5 +126,6 @@ class TokLIP(nn.Module):
 
     def train(self, mode: bool = True) -> TokLIP:
         super().train(mode)
-        self.text.eval()  # frozen: a parent's .train() must not switch it
+        if self.text is not None:
+            self.text.eval()  # frozen: a parent's .train() must not switch it
         return self

@@ -1,7 +1,7 @@
 """Frozen, pluggable VQ tokenizers. Importing this package registers every built-in family."""
 
 from . import ibq, llamagen, taming  # noqa: F401  (registration)
-from .base import VQEncoding, VQTokenizer
+from .base import CodebookLookup, VQEncoding, VQTokenizer
 from .conv_vq import ConvVQConfig, ConvVQFactory, ConvVQModel
 from .registry import (
     available_tokenizers,
@@ -13,6 +13,7 @@ from .registry import (
 )
 
 __all__ = [
+    "CodebookLookup",
     "ConvVQConfig",
     "ConvVQFactory",
     "ConvVQModel",

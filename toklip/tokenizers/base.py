@@ -168,12 +168,7 @@ class VQTokenizer(nn.Module):
     @torch.no_grad()
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors (..., C) for indices (...): the token-cache path, no image needed."""
-        if indices.dtype != torch.int64:
-            raise TypeError(f"indices must be int64, got {indices.dtype}")
-        # Checked on CPU only: on a GPU the check would sync every step, and an out-of-range
-        # index there already fails loudly (a device-side assertion).
-        if indices.device.type == "cpu" and indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
-            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{indices.min()}, {indices.max()}]")
+        check_indices(indices, self.codebook_size)
         with torch.autocast(indices.device.type, enabled=False):
             return self.codebook().float()[indices]
 
@@ -184,3 +179,36 @@ class VQTokenizer(nn.Module):
         with torch.autocast(indices.device.type, enabled=False):
             images = self.decode_latents(codes.permute(0, 3, 1, 2).to(self.dtype).contiguous())
         return images.float().clamp(-1, 1)
+
+
+def check_indices(indices: torch.Tensor, codebook_size: int) -> None:
+    """Indices must be int64 and, on the CPU, lie in [0, codebook_size). On a GPU the range check
+    would sync every step, and an out-of-range index there already fails loudly (a device assertion)."""
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}")
+    if indices.device.type == "cpu" and indices.numel() and (indices.min() < 0 or indices.max() >= codebook_size):
+        raise ValueError(f"indices must lie in [0, {codebook_size}), got [{indices.min()}, {indices.max()}]")
+
+
+class CodebookLookup(nn.Module):
+    """A VQ tokenizer reduced to its code vectors: all that training from cached indices reads. Its
+    encoder and decoder are never built, so it cannot encode or decode images. Its table is not part
+    of a state dict: checkpoints keep the layout of the whole tokenizer's (which they leave out too)."""
+
+    def __init__(self, tokenizer: VQTokenizer) -> None:
+        super().__init__()
+        self.register_buffer("table", tokenizer.codebook().detach().float().clone(), persistent=False)
+        self.codebook_size, self.code_dim, self.downsample = tokenizer.codebook_size, tokenizer.code_dim, tokenizer.downsample
+        self.input_mean, self.input_std = tokenizer.input_mean, tokenizer.input_std
+
+    def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        return VQTokenizer.grid(self, image_size)
+
+    @torch.no_grad()
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code vectors (..., C) for indices (...), equal to the whole tokenizer's `lookup`."""
+        check_indices(indices, self.codebook_size)
+        return self.table[indices]
+
+    def encode(self, images: torch.Tensor) -> VQEncoding:
+        raise TypeError("this model was built to train from cached VQ indices: it has no VQ encoder (load the export instead)")

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, StateDict
+from ..checkpoints import CheckpointError, StateDict, load_state_dict_strict
 from ..config import group_settings, settings_from_group
 from ..losses import DistillLoss, LossSettings, SigLipLoss, clamp_logit_scale_
 from ..models.factory import build_toklip_from, toklip_export_metadata
@@ -21,7 +21,7 @@ from ..models.presets import Preset
 from ..models.presets import preset as preset_spec
 from ..models.teacher import Teacher, init_from_teacher, teacher_state_dict
 from ..models.text import get_text_tokenizer_for
-from ..models.toklip import TOKENIZER_PREFIX
+from ..models.toklip import TOKENIZER_PREFIX, TokLIP
 from ..tokenizers import register_configured_tokenizer
 from .callbacks import ExportableModule
 from .optim import AdamWCosine
@@ -81,6 +81,12 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
     embeddings (`toklip.models.input_alignment`; the CPU miniature uses it, the release recipe does
     not), before the first optimizer step of a run that is not resumed.
 
+    `inputs="cache"` (data=cache) trains from the frozen networks' outputs precomputed by
+    `toklip-cache`: only the codebook and the token encoder are built, never the VQ encoder and
+    decoder, the text tower or the teacher. A step then runs the student alone; the losses are those
+    of a live step on the same crop (`student_losses` serves both), and checkpoints and exports are
+    interchangeable with a live run's.
+
     Gradient accumulation (`Trainer(accumulate_grad_batches=k)`) averages the losses of k micro-
     batches. For the distillation terms, means of per-sample terms, that is exactly the gradient of
     one k-times larger batch. The contrastive term of each micro-batch sees only that micro-batch's
@@ -101,64 +107,127 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         gradient_checkpointing: bool = False,
         compile_blocks: bool = False,
         align_input: bool = False,
+        inputs: str = "images",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.preset_name = preset
         settings = _RunSettings.of(preset, tokenizer, backbone, image_size, text, teacher, loss, optim)
         self.architecture, self.loss_settings, self.optim = settings.architecture, settings.loss, settings.optim
-        self.tokenizer_cfg, text_cfg, teacher_cfg = settings.tokenizer, settings.text, settings.teacher
-        self.model = build_toklip_from(
-            self.architecture,
-            tokenizer_checkpoint=self.tokenizer_cfg["checkpoint"],
-            init_logit_bias=-10.0 if self.loss_settings.contrastive == "siglip" else None,
-        )
-        self.teacher = self._build_teacher(teacher_cfg["checkpoint"]) if self.architecture.teacher else None
+        self.tokenizer_cfg, text_cfg, self.teacher_cfg = settings.tokenizer, settings.text, settings.teacher
+        self.cached = self._check_inputs(inputs, align_input)
+        self.model = self._build_model(student_only=self.cached)
+        self.teacher = self._init_from_teacher() if self.architecture.teacher else None
         losses = self.loss_settings
-        if self.teacher is None:
+        if not self.architecture.teacher:
             log.warning("no teacher: the text tower of %s stays at its random init and nothing is distilled", preset)
-        if self.teacher is None and align_input:
+        if not self.architecture.teacher and align_input:
             raise ValueError("align_input fits the token embedding to a teacher's: set teacher.model, or align_input=False")
-        if self.teacher is None and (losses.distill_weight or losses.token_distill_weight):
+        if not self.architecture.teacher and (losses.distill_weight or losses.token_distill_weight):
             raise ValueError("distillation needs a teacher: set teacher.model (an open_clip model) or loss.distill_weight=0")
         self.contrastive = losses.contrastive_loss()
         self.distill = (
-            DistillLoss(losses.distill_weight, losses.distill_form, losses.token_distill_weight) if self.teacher is not None else None
+            DistillLoss(losses.distill_weight, losses.distill_form, losses.token_distill_weight) if self.architecture.teacher else None
         )
         self.model.visual.trunk.gradient_checkpointing = gradient_checkpointing
         if compile_blocks:
             for block in self.model.visual.trunk.blocks:
                 block.compile()
-        self.text_tokenizer = get_text_tokenizer_for(self.model.text_spec, text_cfg["tokenizer_path"])
+        self.text_tokenizer = None if self.cached else get_text_tokenizer_for(self.model.text_spec, text_cfg["tokenizer_path"])
         self.eval_metrics = nn.ModuleDict()
         self._step_started = 0.0
+
+    def _check_inputs(self, inputs: str, align_input: bool) -> bool:
+        """True for `inputs=cache`, after checking that such a run can keep its checkpoints and exports whole."""
+        if inputs not in INPUTS:
+            raise ValueError(f"inputs={inputs!r}: choose {' or '.join(INPUTS)}")
+        if inputs == "images":
+            return False
+        missing = [
+            need
+            for need, given in (
+                ("tokenizer.checkpoint (the export rebuilds the VQ from it)", self.tokenizer_cfg["checkpoint"]),
+                ("teacher.model (the text embeddings of the cache are its text tower's)", self.architecture.teacher),
+            )
+            if not given
+        ]
+        if missing:
+            raise ValueError(f"training from a cache (data=cache) needs {' and '.join(missing)}")
+        if align_input:
+            raise ValueError("align_input fits the token embedding on live images; it cannot run from a cache (align_input=false)")
+        return True
 
     @staticmethod
     def check_arguments(**arguments: Any) -> None:
         """The groups' keys, checked before anything is built (toklip.preflight calls this)."""
         _RunSettings.of(**{name: arguments.get(name) for name in _RunSettings.ARGUMENTS})
 
-    def _build_teacher(self, checkpoint: str | None) -> Teacher:
-        state = teacher_state_dict(self.architecture.teacher, checkpoint, source="teacher.checkpoint")
+    def _build_model(self, student_only: bool) -> TokLIP:
+        return build_toklip_from(
+            self.architecture,
+            tokenizer_checkpoint=self.tokenizer_cfg["checkpoint"],
+            init_logit_bias=-10.0 if self.loss_settings.contrastive == "siglip" else None,
+            student_only=student_only,
+        )
+
+    def _teacher_state(self) -> StateDict:
+        return teacher_state_dict(self.architecture.teacher, self.teacher_cfg["checkpoint"], source="teacher.checkpoint")
+
+    def _init_from_teacher(self) -> Teacher | None:
+        """The student starts from the teacher's weights; the teacher itself is built for live inputs only."""
+        state = self._teacher_state()
         init_from_teacher(self.model, state)  # logs what it copied
-        return Teacher(self.architecture.teacher, state)
+        return None if self.cached else Teacher(self.architecture.teacher, state)
 
     # ---- training ---------------------------------------------------------------------------------
 
+    @property
+    def wants_teacher_tokens(self) -> bool:
+        return self.distill is not None and self.distill.token_weight > 0
+
+    @torch.no_grad()
+    def image_targets(self, images: torch.Tensor, teacher_tokens: bool = False) -> dict[str, torch.Tensor]:
+        """What the frozen image side makes of a batch: the VQ indices and, with a teacher, its image
+        embedding (`teacher_features`) and, with `teacher_tokens`, its patch tokens. The training
+        cache stores exactly these."""
+        targets = {"indices": self.model.tokenizer.encode(images).indices}
+        if self.teacher is not None:
+            if teacher_tokens:
+                targets["teacher_features"], targets["teacher_tokens"] = self.teacher(images, return_tokens=True)
+            else:
+                targets["teacher_features"] = self.teacher(images)
+        return targets
+
+    @torch.no_grad()
+    def text_targets(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen text tower's normalised caption embeddings (`text_features`), as the cache stores them."""
+        return {"text_features": self.model.encode_text(tokens, normalize=True)}
+
+    def training_targets(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The frozen networks' outputs for a batch: computed from its images and captions, or, from a
+        cache, read from the batch itself."""
+        if self.cached:
+            return {name: value for name, value in batch.items() if name in CACHED_TARGETS}
+        return {**self.image_targets(batch["image"], self.wants_teacher_tokens), **self.text_targets(batch["text"])}
+
     def compute_losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every loss term of a batch, by name (the total is their sum)."""
-        images, tokens = batch["image"], batch["text"]
-        wants_tokens = self.distill is not None and self.distill.token_weight > 0
-        out = self.model(images, tokens, return_tokens=wants_tokens)
+        return self.student_losses(self.training_targets(batch))
+
+    def student_losses(self, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The losses of the token encoder against the frozen targets: the one computation live and cached
+        steps share. The trunk reads the codebook vectors of the indices (`lookup`), both ways."""
+        image_features, token_features = self.model.encode_indices(targets["indices"], normalize=True, return_tokens=True)
+        logit_scale = self.model.logit_scale.exp()
         if isinstance(self.contrastive, SigLipLoss):
-            losses = {"contrastive": self.contrastive(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])}
+            losses = {"contrastive": self.contrastive(image_features, targets["text_features"], logit_scale, self.model.logit_bias)}
         else:
-            losses = {"contrastive": self.contrastive(out["image_features"], out["text_features"], out["logit_scale"])}
+            losses = {"contrastive": self.contrastive(image_features, targets["text_features"], logit_scale)}
         if self.distill is not None:
-            # The student's text tower is a frozen copy of the teacher's: only the image side is run.
-            teacher_out = self.teacher(images, return_tokens=wants_tokens)
-            teacher_image, teacher_tokens = teacher_out if wants_tokens else (teacher_out, None)
-            losses.update(self.distill(out["image_features"], teacher_image, out.get("image_tokens"), teacher_tokens))
+            student_tokens = token_features if self.wants_teacher_tokens else None
+            if student_tokens is not None and "teacher_tokens" not in targets:
+                raise ValueError("loss.token_distill_weight > 0 needs the teacher's patch tokens: build the cache with teacher_tokens=true")
+            losses.update(self.distill(image_features, targets["teacher_features"], student_tokens, targets.get("teacher_tokens")))
         return losses
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -180,7 +249,7 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
         total = sum(losses.values())
-        batch_size = batch["image"].shape[0]
+        batch_size = batch_size_of(batch)
         self.log_dict({f"train/loss_{name}": value.detach() for name, value in losses.items()}, batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=batch_size)
@@ -193,8 +262,8 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         seconds = time.perf_counter() - self._step_started
-        samples = batch["image"].shape[0] * self.trainer.world_size
-        self.log("train/samples_per_second", samples / max(seconds, 1e-9), batch_size=batch["image"].shape[0])
+        batch_size = batch_size_of(batch)
+        self.log("train/samples_per_second", batch_size * self.trainer.world_size / max(seconds, 1e-9), batch_size=batch_size)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -211,21 +280,25 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         return [p for p in (self.model.logit_scale, self.model.logit_bias) if p is not None]
 
     def configure_model(self) -> None:
-        """FSDP2 (Lightning's ModelParallelStrategy): shard each block, then the model as the root.
+        """FSDP2 (Lightning's ModelParallelStrategy): shard each block, then the model as the root;
+        `encode_indices`, what a step runs, gathers the root's shards as `forward` does.
 
         FSDP2 cannot shard 0-d tensors, and the release's logit_scale is one: it stays replicated and
-        its gradient is averaged by hand (`on_before_optimizer_step`). The teacher stays replicated
-        too: it is frozen and has no gradients.
+        its gradient is averaged by hand (`on_before_optimizer_step`). The frozen parts (the VQ, the
+        text tower, the teacher) stay replicated too: they have no gradients and run outside the student.
         """
         mesh = self.device_mesh
         if mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         data_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
         for block in self.model.visual.trunk.blocks:
             fully_shard(block, mesh=data_mesh)
-        fully_shard(self.model, mesh=data_mesh, ignored_params=set(self._scalar_parameters()))
+        frozen = [self.model.tokenizer, *([self.model.text] if self.model.text is not None else [])]
+        ignored = {*self._scalar_parameters(), *(p for part in frozen for p in part.parameters())}
+        fully_shard(self.model, mesh=data_mesh, ignored_params=ignored)
+        register_fsdp_forward_method(self.model, "encode_indices")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.device_mesh is None:
@@ -242,7 +315,7 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         keys = {f"model.{name}" for name in self.model.trainable_parameters()}
         sourceless = [
             prefix
-            for prefix, source in ((f"model.{TOKENIZER_PREFIX}", self.tokenizer_cfg["checkpoint"]), ("model.text.", self.teacher))
+            for prefix, source in ((f"model.{TOKENIZER_PREFIX}", self.tokenizer_cfg["checkpoint"]), ("model.text.", self.architecture.teacher))
             if source is None
         ]
         keys |= {key for key in self.state_dict() if key.startswith(tuple(sourceless))} if sourceless else set()
@@ -274,5 +347,21 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def export_contents(self) -> tuple[StateDict, dict[str, str]]:
-        """The self-contained model (VQ and text tower included), for `load_toklip`."""
-        return self.full_model_state_dict(), toklip_export_metadata(self.architecture, self.preset_name)
+        """The self-contained model (VQ and text tower included), for `load_toklip`: a run from a cache
+        gets its VQ and text tower from their sources, as a live run's were."""
+        state = self.full_model_state_dict()
+        if self.cached:
+            whole = self._build_model(student_only=False)
+            init_from_teacher(whole, self._teacher_state())
+            load_state_dict_strict(whole, {**whole.state_dict(), **state}, where="the trained student of a cached run")
+            state = {k: v.detach().cpu() for k, v in whole.state_dict().items()}
+        return state, toklip_export_metadata(self.architecture, self.preset_name)
+
+
+INPUTS = ("images", "cache")  # what a step reads: images and captions, or the frozen networks' outputs (data=cache)
+CACHED_TARGETS = ("indices", "text_features", "teacher_features", "teacher_tokens")
+
+
+def batch_size_of(batch: Mapping[str, torch.Tensor]) -> int:
+    """Samples in a training batch, live or cached."""
+    return len(batch["indices"] if "indices" in batch else batch["image"])
