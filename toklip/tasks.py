@@ -1,4 +1,4 @@
-"""The run logic every tool calls: train, evaluate, encode, convert, make_synthetic (each `cfg -> result`).
+"""The run logic every tool calls: train, evaluate, encode, cache, convert, make_synthetic (each `cfg -> result`).
 
 A task takes a composed configuration (`toklip.config.compose_config`, or a tool's `@hydra.main`)
 and builds everything from it; `toklip/cli/` only wraps these in Hydra mains and prints.
@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,9 @@ from .config import ConfigError, check_required
 from .data.eval_sets import build_eval_sets
 from .data.synthetic import SyntheticConfig, SyntheticPaths
 from .data.synthetic import make_synthetic as write_synthetic
-from .data.transforms import eval_transform
+from .data.transforms import TRAIN_CROP_SCALE, eval_transform
 from .data.workers import shut_down_worker_pools
-from .encoding import encode_images
+from .encoding import CacheEncoder, FeatureEncoder, input_parts, run_encode_job
 from .evaluation import evaluate as evaluate_model
 from .models.factory import build_toklip_from, convert_released, convert_teacher, load_toklip
 from .models.presets import preset_from_config
@@ -43,6 +44,7 @@ from .models.text import get_text_tokenizer_for
 from .models.toklip import TokLIP
 from .preflight import check_input_alignment, check_resolution, check_resumed_model, check_shards, check_targets
 from .run_lock import exclusive, is_first_process
+from .tokenizers.base import codebook_fingerprint
 from .training import TokLIPModule
 from .training.callbacks import RunPreempted
 
@@ -223,11 +225,51 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def encode(cfg: DictConfig) -> dict[str, int]:
-    """VQ indices, per-token features and embeddings of every image of `cfg.input`, into `cfg.output`."""
-    return encode_images(
-        load_model(cfg), cfg.input, cfg.output, format=cfg.format, features=list(cfg.features), batch_size=cfg.batch_size,
-        samples_per_file=cfg.samples_per_file, tokens_dtype=getattr(torch, cfg.tokens_dtype), device=resolve_device(cfg.device),
+    """VQ indices, per-token features and embeddings of every image of `cfg.input`, into `cfg.output`:
+    one output file per input shard, resumable, over the ranks and precision of `cfg.trainer`."""
+    encoder = FeatureEncoder(load_model(cfg), features=list(cfg.features), tokens_dtype=_dtype(cfg, "tokens_dtype"))
+    settings = {
+        "kind": "features", "model": _describe_file(cfg.checkpoint), "preset": cfg.preset, "resolution": encoder.model.image_size,
+        "features": list(encoder.features), "tokens_dtype": cfg.tokens_dtype,
+    }  # fmt: skip
+    return _run_job(cfg, encoder, encoder.prepare(), settings)
+
+
+def cache(cfg: DictConfig) -> dict[str, int]:
+    """The training cache of `cfg.input` (the training shards by default) into `cfg.output`: per sample,
+    `cfg.views` augmented crops' VQ indices and teacher embeddings, and the caption's text embedding,
+    computed by the run's own frozen networks (`TokLIPModule`). `toklip-train data=cache` trains from it."""
+    prepare_synthetic_data(cfg)
+    module_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    module: TokLIPModule = instantiate({**module_cfg, "inputs": "images"}, _convert_="all")
+    encoder = CacheEncoder(module, views=cfg.views, teacher_tokens=cfg.teacher_tokens, dtype=_dtype(cfg, "dtype"))
+    crop_scale = list(cfg.data.get("crop_scale") or TRAIN_CROP_SCALE)  # the training stream's augmentation
+    settings = {
+        "kind": "cache", "architecture": asdict(module.architecture), "preset": cfg.preset, "resolution": cfg.resolution,
+        "tokenizer": _describe_file(module.tokenizer_cfg["checkpoint"]), "teacher": _describe_file(module.teacher_cfg["checkpoint"]),
+        "codebook_sha256": codebook_fingerprint(module.model.tokenizer.codebook()), "views": cfg.views,
+        "teacher_tokens": cfg.teacher_tokens, "dtype": cfg.dtype, "crop_scale": crop_scale, "seed": cfg.seed,
+    }  # fmt: skip
+    return _run_job(cfg, encoder, encoder.prepare(crop_scale, cfg.seed), settings)
+
+
+def _run_job(cfg: DictConfig, encoder: L.LightningModule, prepare: Any, settings: dict[str, Any]) -> dict[str, int]:
+    return run_encode_job(
+        encoder, input_parts(cfg.input, cfg.samples_per_file), cfg.output, settings=settings, prepare=prepare, format=cfg.format,
+        batch_size=cfg.batch_size, num_workers=cfg.num_workers, make_trainer=instantiate(cfg.trainer, _partial_=True, _convert_="all"),
     )  # fmt: skip
+
+
+def _dtype(cfg: DictConfig, key: str) -> torch.dtype:
+    dtype = getattr(torch, str(cfg[key]), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"{key}={cfg[key]!r}: expected a floating-point dtype such as float16, bfloat16 or float32")
+    return dtype
+
+
+def _describe_file(path: str | None) -> str | None:
+    """A weights file as a manifest records it: its absolute path and size (None: random init)."""
+    return None if path is None else f"{os.path.abspath(path)} ({os.path.getsize(path)} bytes)"
 
 
 # ---- convert and make_synthetic ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from . import tool
 @tool("encode")
 def main(cfg: DictConfig) -> None:
     counts = encode(cfg)
-    print(f"encoded {counts['encoded']} images into {cfg.output} ({cfg.format}); skipped {counts['skipped']}")
+    print(f"encoded {counts.get('encoded', 0)} images into {cfg.output} ({cfg.format}); skipped {counts.get('skipped', 0)}")
 
 
 if __name__ == "__main__":

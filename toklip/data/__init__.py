@@ -1,5 +1,6 @@
 """Data: WebDataset training streams, evaluation sets, transforms and the synthetic-scene generator."""
 
+from .cache import CacheDataModule
 from .datamodule import DataQualityError, TokLIPDataModule
 from .eval_sets import RetrievalSet, ZeroShotSet, build_eval_set, build_eval_sets
 from .samples import SKIP_REASONS, to_rgb
@@ -9,6 +10,7 @@ from .transforms import eval_transform, preprocess_config, train_transform
 
 __all__ = [
     "SKIP_REASONS",
+    "CacheDataModule",
     "DataQualityError",
     "RetrievalSet",
     "SyntheticConfig",

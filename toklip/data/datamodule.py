@@ -173,14 +173,17 @@ class TokLIPDataModule(L.LightningDataModule):
         workers = max(self.num_workers, 1)
         return math.ceil(math.ceil(self.train_num_samples / global_batch) / workers) * workers
 
+    def sample_decoder(self) -> Callable[[dict[str, Any]], dict[str, torch.Tensor]]:
+        """A raw training sample -> the tensors of a batch (here: the augmented image and caption tokens)."""
+        return SampleDecoder(train_transform(self.preprocess, self.crop_scale), self.text_tokenizer, self.max_image_pixels)
+
     def train_stream(self, rank: int = 0, world_size: int = 1) -> ShardStream:
         """The training stream of one rank (what its loader's workers iterate)."""
         if not self.train_urls:
             raise ValueError("data.train_urls is required for training: a shard pattern such as /data/cc12m/{00000..01242}.tar")
-        decoder = SampleDecoder(train_transform(self.preprocess, self.crop_scale), self.text_tokenizer, self.max_image_pixels)
         return ShardStream(
             resolve_sources(self.train_urls, self.train_weights),
-            decoder,
+            self.sample_decoder(),
             batch_size=self.batch_size,
             num_batches=self.num_batches_per_epoch(world_size),
             rank=rank,

@@ -31,6 +31,7 @@ from webdataset.filters import shuffle
 
 from .samples import SKIP_REASONS, SkippedSample
 from .sources import ShardSource, tar_samples
+from .transforms import seeded_augmentation
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,7 @@ class ShardStream(IterableDataset):
                 continue  # resuming: consumed before the checkpoint; not decoded again
             try:
                 # Augmentation drawn from (stream, position) alone: a resumed run crops as the first did.
-                with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(augment_seed + position)  # torch.manual_seed also seeds lazy devices (~0.2 ms)
+                with seeded_augmentation(augment_seed + position):
                     batch.append(self.decoder(sample))
             except SkippedSample as skipped:
                 counts[skipped.reason] += 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform
@@ -42,3 +44,16 @@ def eval_transform(cfg: PreprocessCfg) -> Transform:
     return image_transform(
         cfg.size, is_train=False, mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, resize_mode=cfg.resize_mode
     )
+
+
+@contextlib.contextmanager
+def seeded_augmentation(seed: int) -> Iterator[None]:
+    """Random augmentations drawn inside come from `seed` alone, and leave the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed also seeds lazy devices (~0.2 ms)
+        yield
+
+
+def view_seed(seed: int, key: str, view: int) -> int:
+    """The augmentation seed of view `view` of the sample `key`: the same in every run, rank and worker."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{key}/{view}".encode(), digest_size=8).digest(), "little") >> 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -212,3 +213,13 @@ class CodebookLookup(nn.Module):
 
     def encode(self, images: torch.Tensor) -> VQEncoding:
         raise TypeError("this model was built to train from cached VQ indices: it has no VQ encoder (load the export instead)")
+
+
+def index_dtype(codebook_size: int) -> torch.dtype:
+    """The smallest signed integer type that holds every index (int16 up to 32768 codes, else int32)."""
+    return torch.int16 if codebook_size <= 2**15 else torch.int32
+
+
+def codebook_fingerprint(codebook: torch.Tensor) -> str:
+    """SHA-256 of the fp32 code vectors: names the codebook that stored indices refer to."""
+    return hashlib.sha256(codebook.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()

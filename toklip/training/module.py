@@ -23,6 +23,7 @@ from ..models.teacher import Teacher, init_from_teacher, teacher_state_dict
 from ..models.text import get_text_tokenizer_for
 from ..models.toklip import TOKENIZER_PREFIX, TokLIP
 from ..tokenizers import register_configured_tokenizer
+from ..tokenizers.base import codebook_fingerprint
 from .callbacks import ExportableModule
 from .optim import AdamWCosine
 from .validation import EvalSetsValidation
@@ -230,6 +231,13 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
             losses.update(self.distill(image_features, targets["teacher_features"], student_tokens, targets.get("teacher_tokens")))
         return losses
 
+    def on_fit_start(self) -> None:
+        if self.cached:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if not hasattr(datamodule, "check_model"):
+                raise ValueError("model.inputs=cache reads a training cache: use data=cache (a cache made by toklip-cache)")
+            datamodule.check_model(asdict(self.architecture), codebook_fingerprint(self.model.tokenizer.table))
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
         if self.hparams.align_input and self.global_step == 0 and batch_idx == 0:
@@ -315,7 +323,10 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         keys = {f"model.{name}" for name in self.model.trainable_parameters()}
         sourceless = [
             prefix
-            for prefix, source in ((f"model.{TOKENIZER_PREFIX}", self.tokenizer_cfg["checkpoint"]), ("model.text.", self.architecture.teacher))
+            for prefix, source in (
+                (f"model.{TOKENIZER_PREFIX}", self.tokenizer_cfg["checkpoint"]),
+                ("model.text.", self.architecture.teacher),
+            )
             if source is None
         ]
         keys |= {key for key in self.state_dict() if key.startswith(tuple(sourceless))} if sourceless else set()

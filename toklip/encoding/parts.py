@@ -1,0 +1,62 @@
+"""The units of an encode job: each input shard, or each run of files of a folder, is one part with one
+output file of its own, so that a job splits over ranks and workers and resumes part by part."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data.samples import IMAGE_EXTENSIONS
+from ..data.sources import resolve_sources, tar_samples
+
+
+@dataclass(frozen=True)
+class InputPart:
+    """One input shard (`source` a shard URL), or some files of a folder (`source` the folder, `files`
+    relative to it: a caption in `<name>.txt` beside an image is read as its `txt`)."""
+
+    name: str  # its output's base name
+    source: str
+    files: tuple[str, ...] = ()
+
+    def samples(self) -> Iterator[dict[str, Any]]:
+        """WebDataset-style samples ({"__key__", "<ext>": bytes, ...}); a damaged shard raises when read."""
+        if not self.files:
+            yield from tar_samples([{"url": self.source}])
+            return
+        folder = Path(self.source)
+        for name in self.files:
+            path = folder / name
+            sample = {"__key__": str(Path(name).with_suffix("")), "__url__": str(path), path.suffix.lower().lstrip("."): path.read_bytes()}
+            caption = path.with_suffix(".txt")
+            if caption.is_file():
+                sample["txt"] = caption.read_bytes()
+            yield sample
+
+
+def input_parts(source: str | os.PathLike, files_per_part: int = 1000) -> list[InputPart]:
+    """The parts of `source`: a folder of images (recursively, sorted; `files_per_part` to a part, named
+    000000, 000001, ...) or shard patterns (one part a shard, named as the shard without `.tar`)."""
+    folder = Path(source)
+    if folder.is_dir():
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+        runs = range(0, len(files), files_per_part)
+        return [InputPart(f"{i:06d}", str(folder), tuple(files[start : start + files_per_part])) for i, start in enumerate(runs)]
+    urls = [url for s in resolve_sources(str(source)) for url in s.urls]
+    parts = [InputPart(_shard_name(url), url) for url in urls]
+    repeated = [name for name, count in Counter(p.name for p in parts).items() if count > 1]
+    if repeated:
+        examples = [p.source for p in parts if p.name == repeated[0]]
+        raise ValueError(f"input shards share an output name ({repeated[0]!r}: {', '.join(examples)}); give shards of distinct names")
+    return parts
+
+
+def _shard_name(url: str) -> str:
+    name = url.rstrip("/ -").rsplit("/", 1)[-1]  # a pipe: command ends in its URL (and often a `-`)
+    return name.removesuffix(".tar")
