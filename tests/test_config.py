@@ -155,14 +155,14 @@ def test_train_from_the_shell_then_resume_eval_and_encode(tiny_teacher_checkpoin
     )
     assert encoded.returncode == 0, encoded.stderr[-3000:]
     assert "encoded 3 images" in encoded.stdout
-    assert [p.name for p in (tmp_path / "enc").iterdir()] == ["000000.tar"]  # renamed whole, no temporary left
+    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["000000.json", "000000.tar", "manifest.json"]  # no temporary left
     records = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "enc" / "000000.tar"), shardshuffle=False).decode()}
     model = toklip.load_toklip(run_dir / "toklip.safetensors")
     transform = toklip.data.eval_transform(model.preprocess_cfg)
     image = transform(Image.open(images / "img1.png")).unsqueeze(0)
     record = records["img1"]
-    assert record["indices.npy"].shape == (8, 8)
-    assert model.tokenizer.decode(torch.from_numpy(record["indices.npy"])[None]).shape == (1, 3, 64, 64)
+    assert record["indices.npy"].shape == (8, 8) and record["indices.npy"].dtype == np.int16  # 1024 codes fit
+    assert model.tokenizer.decode(torch.from_numpy(record["indices.npy"]).long()[None]).shape == (1, 3, 64, 64)
     assert np.allclose(record["tokens.npy"], model.token_features(image)[0].detach().half().numpy(), atol=1e-3)
     assert np.allclose(record["embedding.npy"], model.encode_image(image, normalize=True)[0].detach().numpy(), atol=1e-5)
 

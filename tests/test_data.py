@@ -180,7 +180,15 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
         assert "stream" not in batch
         got += batch["text"][:, 0].tolist()
     assert sorted(got) == [*range(10), 105]  # json captions are read
-    assert dm.skip_counts() == {"no_image": 1, "no_caption": 1, "empty_caption": 1, "corrupt_image": 2, "too_large": 1, "bad_record": 0, "bad_shard": 0}
+    assert dm.skip_counts() == {
+        "no_image": 1,
+        "no_caption": 1,
+        "empty_caption": 1,
+        "corrupt_image": 2,
+        "too_large": 1,
+        "bad_record": 0,
+        "bad_shard": 0,
+    }
     metrics = dm.data_metrics()
     assert metrics["data/skipped_corrupt_image"] == 2.0 and metrics["data/bad_shards"] == 0.0
 
@@ -437,7 +445,15 @@ def test_skips_after_the_last_full_batch_are_counted_in_every_worker(tmp_path, n
     dm = datamodule(urls, train_num_samples=30, batch_size_per_device=3, num_workers=num_workers, max_image_pixels=1_000_000)
     delivered = [int(i) for batch in dm.train_loader() for i in dm.on_before_batch_transfer(batch, 0)["text"][:, 0]]
     assert sorted(delivered) == [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15]
-    assert dm.skip_counts() == {"no_image": 2, "no_caption": 2, "empty_caption": 2, "corrupt_image": 2, "too_large": 2, "bad_record": 0, "bad_shard": 0}
+    assert dm.skip_counts() == {
+        "no_image": 2,
+        "no_caption": 2,
+        "empty_caption": 2,
+        "corrupt_image": 2,
+        "too_large": 2,
+        "bad_record": 0,
+        "bad_shard": 0,
+    }
 
 
 def test_an_epoch_that_delivers_nothing_fails_with_the_reasons(tmp_path):

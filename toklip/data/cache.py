@@ -25,7 +25,7 @@ from .datamodule import TokLIPDataModule
 from .samples import SkippedSample
 from .sources import resolve_sources
 
-MANIFEST = "manifest.json"  # the encode job's record of a cache (toklip.encoding.job writes it)
+MANIFEST = "manifest.json"  # an encode job's record of its output (toklip.encoding.job writes it)
 _VIEWED = ("indices", "teacher_features", "teacher_tokens")  # one entry a view
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import publish, remove_stale_temporaries, replace_file, save_safetensors, temporary_path
 from ..config import ConfigError
+from ..data.cache import MANIFEST
 from ..data.samples import SkippedSample
 from ..data.workers import SignalSafeLoader
 from ..distributed import rank_and_world
@@ -38,7 +39,6 @@ from .parts import InputPart
 log = logging.getLogger(__name__)
 
 FORMATS = {"webdataset": ".tar", "safetensors": ".safetensors"}
-MANIFEST = "manifest.json"
 Prepare = Callable[[dict[str, Any]], dict[str, torch.Tensor]]  # a raw sample -> the encoder's inputs (raises SkippedSample)
 
 

@@ -13,6 +13,8 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training", category=PossibleUserWarning)
 # ShardStream splits its shards by rank and worker itself and caps each worker's batches, so its __len__ holds.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
+# The encode job's batches carry their parts and keys; its writer needs no sampler indices.
+warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fetched from your dataloader", category=UserWarning)
 # A mid-epoch resume is exact: TokLIPDataModule.state_dict / load_state_dict carry the stream's position.
 warnings.filterwarnings(
     "ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended", category=PossibleUserWarning

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from ..models.input_alignment import solve_token_embedding, token_embedding_stat
 from ..models.presets import Preset
 from ..models.presets import preset as preset_spec
 from ..models.teacher import Teacher, init_from_teacher, teacher_state_dict
-from ..models.text import get_text_tokenizer_for
+from ..models.text import TextTokenizer, get_text_tokenizer_for
 from ..models.toklip import TOKENIZER_PREFIX, TokLIP
 from ..tokenizers import register_configured_tokenizer
 from ..tokenizers.base import codebook_fingerprint
@@ -134,9 +135,15 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         if compile_blocks:
             for block in self.model.visual.trunk.blocks:
                 block.compile()
-        self.text_tokenizer = None if self.cached else get_text_tokenizer_for(self.model.text_spec, text_cfg["tokenizer_path"])
+        self.text_tokenizer_path = text_cfg["tokenizer_path"]
         self.eval_metrics = nn.ModuleDict()
         self._step_started = 0.0
+
+    @functools.cached_property
+    def text_tokenizer(self) -> TextTokenizer:
+        """The text tower's tokenizer, loaded when first asked for: validation and toklip-cache read
+        captions, a training step does not (the data module tokenizes them)."""
+        return get_text_tokenizer_for(self.architecture.text, self.text_tokenizer_path)
 
     def _check_inputs(self, inputs: str, align_input: bool) -> bool:
         """True for `inputs=cache`, after checking that such a run can keep its checkpoints and exports whole."""

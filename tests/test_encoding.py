@@ -1,0 +1,299 @@
+"""The encode job (ranks x workers, resumable part by part, a manifest), the training cache, and training from it."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from omegaconf import open_dict
+
+import toklip
+from toklip.checkpoints import save_safetensors
+from toklip.config import ConfigError
+from toklip.data import CacheDataModule
+from toklip.data.transforms import train_transform
+from toklip.encoding import CacheEncoder, input_parts
+from toklip.tasks import cache, encode
+from toklip.training import TokLIPModule
+
+TINY = ("experiment=tiny", "trainer.enable_progress_bar=false")
+
+
+def tool(name: str, *overrides: str, cwd: Path, **options) -> subprocess.Popen:
+    script = Path(sys.executable).with_name(name)
+    return subprocess.Popen([str(script), *overrides], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options)
+
+
+def finished(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=600)
+    return process.returncode, out, err
+
+
+def keys_of(shards) -> list[str]:
+    return [sample["__key__"] for shard in shards for sample in wds.WebDataset(str(shard), shardshuffle=False)]
+
+
+def encode_cfg(tmp_path: Path, source, *overrides: str):
+    cfg = toklip.compose_config("encode", [*TINY, f"input={source}", f"output={tmp_path / 'out'}", "num_workers=0", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def frozen_parts(tmp_path_factory):
+    """(tiny teacher file, tiny VQ file, common overrides naming both)."""
+    from toklip.models.teacher import build_open_clip
+
+    root = tmp_path_factory.mktemp("frozen")
+    torch.manual_seed(123)
+    teacher = save_safetensors(build_open_clip("tiny_teacher_64").state_dict(), root / "teacher.safetensors")
+    vq = save_safetensors(toklip.build_tokenizer("llamagen_tiny").state_dict(), root / "vq.safetensors")
+    return teacher, vq, (f"teacher.checkpoint={teacher}", f"tokenizer.checkpoint={vq}")
+
+
+# ---- the encode job ---------------------------------------------------------------------------------
+
+
+def test_two_ranks_with_two_workers_encode_disjoint_parts_whose_union_is_the_input(synthetic_set, tmp_path):
+    shards = sorted(Path(synthetic_set.root, "train").glob("*.tar"))
+    job = tool(
+        "toklip-encode", *TINY, f"input={Path(synthetic_set.root, 'train')}/*.tar", "output=out", "trainer=ddp_cpu", "num_workers=2",
+        "batch_size=16", "run_name=enc", cwd=tmp_path,
+    )  # fmt: skip
+    code, out, err = finished(job)
+    assert code == 0, err[-3000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    by_rank = {rank: {name for name, part in manifest["parts"].items() if part["rank"] == rank} for rank in (0, 1)}
+    assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
+    assert by_rank[0] | by_rank[1] == {shard.stem for shard in shards} and manifest["complete"]
+    assert sorted(keys_of(sorted((tmp_path / "out").glob("*.tar")))) == sorted(keys_of(shards))  # each image once
+    assert manifest["samples"] == len(keys_of(shards)) and manifest["settings"]["kind"] == "features"
+
+
+def test_a_rerun_redoes_only_the_missing_or_partial_parts(synthetic_set, tmp_path):
+    source = f"{Path(synthetic_set.root, 'train')}/*.tar"
+    counts = encode(encode_cfg(tmp_path, source))
+    out = tmp_path / "out"
+    assert counts["parts"] == 4 and counts["encoded"] == 256
+    outputs = sorted(out.glob("*.tar"))
+    first = {path.name: path.stat().st_mtime_ns for path in outputs}
+    outputs[1].unlink()  # a part lost; another left half-written by a killed writer (a dead process's temporary)
+    stale = out / f".{outputs[2].name}.tmp-999999999"
+    stale.write_bytes(b"half a shard")
+    counts = encode(encode_cfg(tmp_path, source))
+    assert counts == {"parts": 1, "encoded": 64, "skipped": 0, "bad_shards": 0} and not stale.exists()
+    assert {path.name: path.stat().st_mtime_ns for path in sorted(out.glob("*.tar")) if path.name != outputs[1].name} == {
+        name: time for name, time in first.items() if name != outputs[1].name
+    }
+    assert sorted(keys_of(sorted(out.glob("*.tar")))) == sorted(keys_of(sorted(Path(synthetic_set.root, "train").glob("*.tar"))))
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_other_settings_over_the_same_output_are_refused_with_what_to_do(synthetic_set, tmp_path):
+    source = f"{Path(synthetic_set.root, 'train')}/000000.tar"
+    encode(encode_cfg(tmp_path, source))
+    with pytest.raises(ConfigError, match=r"tokens_dtype: 'float16' there, 'float32' now.*choose another output, or delete"):
+        encode(encode_cfg(tmp_path, source, "tokens_dtype=float32"))
+
+
+def test_skipped_images_and_damaged_shards_are_counted_and_named(tmp_path, caplog):
+    (tmp_path / "in").mkdir()
+    good = wds.TarWriter(str(tmp_path / "in" / "a.tar"))
+    from PIL import Image
+
+    buffer = __import__("io").BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="PNG")
+    good.write({"__key__": "ok", "png": buffer.getvalue()})
+    good.write({"__key__": "broken", "png": b"not an image"})
+    good.close()
+    data = (tmp_path / "in" / "a.tar").read_bytes()
+    (tmp_path / "in" / "b.tar").write_bytes(data[:700])  # truncated inside its first member
+    counts = encode(encode_cfg(tmp_path, f"{tmp_path / 'in'}/*.tar"))
+    assert counts == {"parts": 2, "encoded": 1, "skipped": 1, "bad_shards": 1}
+    assert "skipped broken of" in caplog.text and "b.tar is truncated or unreadable" in caplog.text
+    records = json.loads((tmp_path / "out" / "manifest.json").read_text())["parts"]
+    assert records["a"]["skipped"] == {"corrupt_image": 1} and records["b"]["skipped"]["bad_shard"] == 1
+
+
+def test_kill_9_at_a_random_moment_then_a_rerun_gives_every_sample_once(tmp_path):
+    from tests.test_data import png, write_shards
+
+    samples = [{"__key__": f"{i:05d}", "png": png((i % 255, 40, 90), size=(80, 64))} for i in range(240)]
+    write_shards(tmp_path / "in", samples, per_shard=20)
+    job = ("toklip-encode", *TINY, f"input={tmp_path / 'in'}/*.tar", "output=out", "batch_size=4", "num_workers=2", "run_name=kill")
+    first = tool(*job, cwd=tmp_path, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "out").glob("*.tar")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 1.0))  # somewhere in the job: between parts or inside one
+    os.killpg(first.pid, signal.SIGKILL)  # the job and its loader workers, as a scheduler would
+    first.communicate()
+    done_before = len(list((tmp_path / "out").glob("*.tar")))
+    assert done_before < 12, "the job finished before the kill: nothing was tested"
+    code, out, err = finished(tool(*job, cwd=tmp_path))
+    assert code == 0, err[-3000:]
+    assert f"encoded {240 - 20 * done_before} images" in out
+    outputs = sorted((tmp_path / "out").glob("*.tar"))
+    assert len(outputs) == 12 and not list((tmp_path / "out").glob(".*tmp-*"))
+    assert Counter(keys_of(outputs)) == Counter(sample["__key__"] for sample in samples)  # none twice, none missing
+    for shard in outputs:  # every output reads whole
+        assert all(record["indices.npy"].shape == (8, 8) for record in wds.WebDataset(str(shard), shardshuffle=False).decode())
+
+
+def test_folders_are_cut_into_parts_with_their_captions(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for i in range(5):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(tmp_path / "photos" / f"{i}.png")
+    (tmp_path / "photos" / "3.txt").write_text("a red square")
+    parts = input_parts(tmp_path / "photos", files_per_part=2)
+    assert [(p.name, p.files) for p in parts] == [("000000", ("0.png", "1.png")), ("000001", ("2.png", "3.png")), ("000002", ("4.png",))]
+    assert [s.get("txt") for s in parts[1].samples()] == [None, b"a red square"]
+
+
+# ---- the training cache ---------------------------------------------------------------------------------
+
+
+def live_module(frozen_parts, **options) -> TokLIPModule:
+    teacher, vq, _ = frozen_parts
+    torch.manual_seed(0)
+    optim = {"lr": 1e-3, "warmup_steps": 2, "total_steps": 100}
+    return TokLIPModule("tiny_64", tokenizer={"checkpoint": str(vq)}, teacher={"checkpoint": str(teacher)}, optim=optim, **options)
+
+
+def test_a_cached_step_equals_the_live_step_on_the_same_crop(frozen_parts, synthetic_set):
+    live = live_module(frozen_parts)
+    cached = live_module(frozen_parts, inputs="cache")
+    cached.model.load_state_dict(live.model.state_dict(), strict=False)  # the same student
+    assert not hasattr(cached.model.tokenizer, "encoder") and cached.model.text is None and cached.teacher is None
+    encoder = CacheEncoder(live, views=3, dtype=torch.float32)
+    prepare = encoder.prepare((0.5, 1.0), seed=0)  # crops that differ from view to view
+    raw = list(wds.WebDataset(f"{synthetic_set.root}/train/000000.tar", shardshuffle=False))[:6]
+    prepared = [prepare(sample) for sample in raw]
+    inputs = {name: torch.stack([p[name] for p in prepared]) for name in ("image", "text")}
+    stored = encoder.predict_step({"inputs": inputs})
+    assert stored["indices"].dtype == torch.int16 and stored["indices"].shape == (6, 3, 8, 8)
+    view = torch.tensor([0, 2, 1, 1, 0, 2])
+    rows = torch.arange(6)
+    live_losses = live.compute_losses({"image": inputs["image"][rows, view], "text": inputs["text"]})
+    cached_batch = {
+        "indices": stored["indices"][rows, view].long(),
+        "teacher_features": stored["teacher_features"][rows, view],
+        "text_features": stored["text_features"],
+    }
+    cached_losses = cached.compute_losses(cached_batch)
+    assert live_losses.keys() == cached_losses.keys() == {"contrastive", "distill"}
+    for name in live_losses:
+        assert torch.equal(live_losses[name], cached_losses[name]), name  # exactly, on CPU fp32
+    assert not torch.equal(stored["indices"][:, 0], stored["indices"][:, 1])  # the views are other crops
+
+
+def test_views_are_the_same_crops_in_every_run(frozen_parts, synthetic_set):
+    raw = next(iter(wds.WebDataset(f"{synthetic_set.root}/train/000001.tar", shardshuffle=False)))
+    transform = train_transform(toklip.data.preprocess_config(64), (0.3, 1.0))
+    from toklip.encoding.encoders import PrepareViews
+
+    first = PrepareViews(transform, lambda texts: torch.zeros(1, 4), views=4, seed=7)(raw)
+    torch.manual_seed(999)  # the global generator does not matter
+    again = PrepareViews(transform, lambda texts: torch.zeros(1, 4), views=4, seed=7)(raw)
+    assert torch.equal(first["image"], again["image"]) and not torch.equal(first["image"][0], first["image"][1])
+
+
+def cache_cfg(frozen_parts, data_dir: Path, out: Path, *overrides: str):
+    cfg = toklip.compose_config(
+        "cache",
+        [*TINY, *frozen_parts[2], f"paths.data_dir={data_dir}", "data.synthetic.train_samples=128", "data.synthetic.samples_per_shard=32",
+         "data.synthetic.retrieval_images=10", "data.synthetic.zeroshot_classes=[colour]", f"output={out}", "views=2", "num_workers=0",
+         "batch_size=16", *overrides],
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out.parent / "cache_run")
+    return cfg
+
+
+def train_from_cache_cfg(frozen_parts, cache_dir: Path, run_dir: Path, *overrides: str):
+    cfg = toklip.compose_config(
+        "train",
+        [*TINY, *frozen_parts[2], "data=cache", f"data.train_urls={cache_dir}/*.tar", "eval=none", "data.num_workers=0",
+         "data.batch_size_per_device=8", "trainer.max_steps=2", *overrides],
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(frozen_parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    counts = cache(cache_cfg(frozen_parts, root / "data", root / "cache"))
+    assert counts["encoded"] == 128
+    return root / "cache"
+
+
+def test_cache_then_train_then_export_loads_and_the_checkpoint_resumes_live(frozen_parts, tiny_cache, tmp_path):
+    manifest = json.loads((tiny_cache / "manifest.json").read_text())
+    assert manifest["settings"]["views"] == 2 and manifest["samples"] == 128 and manifest["complete"]
+    record = next(iter(wds.WebDataset(str(tiny_cache / "000000.tar"), shardshuffle=False).decode()))
+    assert record["indices.npy"].shape == (2, 8, 8) and record["teacher_features.npy"].dtype == np.float16
+    metrics = toklip.train(train_from_cache_cfg(frozen_parts, tiny_cache, tmp_path / "run"))
+    assert np.isfinite(metrics["train/loss"])
+    exported = toklip.load_toklip(tmp_path / "run" / "toklip.safetensors")
+    live_export = live_module(frozen_parts).export_contents()[0]
+    assert set(exported.state_dict()) == set(live_export)  # the whole model, VQ and text tower included
+    torch.testing.assert_close(exported.text.state_dict(), live_module(frozen_parts).model.text.state_dict())
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    resumed_live = TokLIPModule.load_from_checkpoint(checkpoint, inputs="images", weights_only=True)
+    assert torch.equal(resumed_live.model.visual.trunk.pos_embed, exported.visual.trunk.pos_embed)
+
+
+def test_resuming_mid_epoch_from_the_cache_replays_nothing(tiny_cache):
+    def make():
+        return CacheDataModule(f"{tiny_cache}/*.tar", batch_size_per_device=8, num_workers=0, sample_shuffle=(20, 5))
+
+    def fingerprints(batches):
+        return [tuple(b["text_features"][:, 0].tolist()) + tuple(b["indices"].sum(dim=(1, 2)).tolist()) for b in batches]
+
+    full = fingerprints(make().train_loader())
+    first = make()
+    head = []
+    for batch in first.train_loader():
+        head.append(first.on_before_batch_transfer(batch, 0))
+        if len(head) == 5:
+            break
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    tail = [resumed.on_before_batch_transfer(b, 0) for b in resumed.train_loader()]
+    assert len(full) == 16 and fingerprints(head) + fingerprints(tail) == full
+
+
+def test_each_epoch_picks_a_view_afresh(tiny_cache):
+    dm = CacheDataModule(f"{tiny_cache}/000000.tar", batch_size_per_device=32, num_workers=0, sample_shuffle=(0, 0), shard_shuffle=(0, 0))
+    epochs = []
+    for epoch in range(2):
+        dm._epoch.set(epoch)
+        epochs.append(next(iter(dm.train_stream()))["indices"])
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_a_cache_refuses_another_model_or_evaluation_sets(frozen_parts, tiny_cache, tmp_path):
+    dm = CacheDataModule(f"{tiny_cache}/*.tar")
+    settings = dm.manifest["settings"]
+    with pytest.raises(ConfigError, match="another codebook"):
+        dm.check_model(settings["architecture"], "0" * 64)
+    with pytest.raises(ConfigError, match="made for the model"):
+        dm.check_model({**settings["architecture"], "image_size": 32}, settings["codebook_sha256"])
+    with pytest.raises(ConfigError, match="eval=none"):
+        CacheDataModule(f"{tiny_cache}/*.tar", eval_sets={"zeroshot": {"kind": "zeroshot", "root": "x"}})
+    with pytest.raises(ValueError, match="needs tokenizer.checkpoint"):
+        TokLIPModule("tiny_64", teacher={"checkpoint": str(frozen_parts[0])}, inputs="cache")
