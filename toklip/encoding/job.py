@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -137,7 +138,8 @@ class _TarSink:
 
     def __init__(self, path: Path) -> None:
         self.path, self.temporary = path, temporary_path(path)
-        self.writer = wds.TarWriter(str(self.temporary))
+        # A whole-second mtime: a fractional one costs every member an extra PAX header.
+        self.writer = wds.TarWriter(str(self.temporary), mtime=int(time.time()))
 
     def write(self, key: str, record: Record) -> None:
         sample = {"__key__": key}
