@@ -198,7 +198,9 @@ def main() -> None:
                 f"{r['targets']:.3f} | {r['adamw']:.3f} | {r['peak_gb']:.2f} |"
             )
         live, cached = results["images"], results["cache"]
-        print(f"| {preset} | cached / live | {live['step'] / cached['step']:.2f}x | | | | {live['peak_gb'] - cached['peak_gb']:+.2f} saved |")
+        print(
+            f"| {preset} | cached / live | {live['step'] / cached['step']:.2f}x | | | | {live['peak_gb'] - cached['peak_gb']:+.2f} saved |"
+        )
     if args.encode_images:
         print(f"\n| preset | encode job img/s ({args.workers} workers) | bare forward img/s | job / bare |")
         print("|---|---:|---:|---:|")
