@@ -1,5 +1,6 @@
 """The encode job (ranks x workers, resumable part by part, a manifest), the training cache, and training from it."""
 
+import io
 import json
 import os
 import random
@@ -97,6 +98,7 @@ def test_a_rerun_redoes_only_the_missing_or_partial_parts(synthetic_set, tmp_pat
     }
     assert sorted(keys_of(sorted(out.glob("*.tar")))) == sorted(keys_of(sorted(Path(synthetic_set.root, "train").glob("*.tar"))))
     assert json.loads((out / "manifest.json").read_text())["complete"]
+    assert encode(encode_cfg(tmp_path, source)) == {}  # nothing left to do
 
 
 def test_other_settings_over_the_same_output_are_refused_with_what_to_do(synthetic_set, tmp_path):
@@ -172,12 +174,14 @@ def live_module(frozen_parts, **options) -> TokLIPModule:
     return TokLIPModule("tiny_64", tokenizer={"checkpoint": str(vq)}, teacher={"checkpoint": str(teacher)}, optim=optim, **options)
 
 
-def test_a_cached_step_equals_the_live_step_on_the_same_crop(frozen_parts, synthetic_set):
-    live = live_module(frozen_parts)
-    cached = live_module(frozen_parts, inputs="cache")
+@pytest.mark.parametrize("token_distill_weight", [0.0, 10.0])
+def test_a_cached_step_equals_the_live_step_on_the_same_crop(frozen_parts, synthetic_set, token_distill_weight):
+    live = live_module(frozen_parts, loss={"token_distill_weight": token_distill_weight})
+    cached = live_module(frozen_parts, loss={"token_distill_weight": token_distill_weight}, inputs="cache")
     cached.model.load_state_dict(live.model.state_dict(), strict=False)  # the same student
     assert not hasattr(cached.model.tokenizer, "encoder") and cached.model.text is None and cached.teacher is None
-    encoder = CacheEncoder(live, views=3, dtype=torch.float32)
+    wants_tokens = token_distill_weight > 0
+    encoder = CacheEncoder(live, views=3, teacher_tokens=wants_tokens, dtype=torch.float32)
     prepare = encoder.prepare((0.5, 1.0), seed=0)  # crops that differ from view to view
     raw = list(wds.WebDataset(f"{synthetic_set.root}/train/000000.tar", shardshuffle=False))[:6]
     prepared = [prepare(sample) for sample in raw]
@@ -191,9 +195,10 @@ def test_a_cached_step_equals_the_live_step_on_the_same_crop(frozen_parts, synth
         "indices": stored["indices"][rows, view].long(),
         "teacher_features": stored["teacher_features"][rows, view],
         "text_features": stored["text_features"],
+        **({"teacher_tokens": stored["teacher_tokens"][rows, view]} if wants_tokens else {}),
     }
     cached_losses = cached.compute_losses(cached_batch)
-    assert live_losses.keys() == cached_losses.keys() == {"contrastive", "distill"}
+    assert live_losses.keys() == cached_losses.keys() == {"contrastive", "distill", *(["token_distill"] if wants_tokens else [])}
     for name in live_losses:
         assert torch.equal(live_losses[name], cached_losses[name]), name  # exactly, on CPU fp32
     assert not torch.equal(stored["indices"][:, 0], stored["indices"][:, 1])  # the views are other crops
@@ -275,6 +280,32 @@ def test_resuming_mid_epoch_from_the_cache_replays_nothing(tiny_cache):
     resumed.load_state_dict(first.state_dict())
     tail = [resumed.on_before_batch_transfer(b, 0) for b in resumed.train_loader()]
     assert len(full) == 16 and fingerprints(head) + fingerprints(tail) == full
+
+
+def test_a_cache_record_that_does_not_read_is_a_counted_skip():
+    from toklip.data.cache import CachedSample
+    from toklip.data.samples import SkippedSample
+
+    def npy(array) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    record = {"indices.npy": npy(np.arange(2 * 4, dtype=np.int16).reshape(2, 2, 2)), "text_features.npy": npy(np.ones(3, np.float16)),
+              "teacher_features.npy": npy(np.eye(2, 3, dtype=np.float16)), "teacher_tokens.npy": npy(np.zeros((2, 4, 3), np.float16))}  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        view = int(torch.randint(2, ()))
+        torch.manual_seed(0)
+        sample = CachedSample(teacher_tokens=True)(record)
+    assert sample["indices"].dtype == torch.int64 and sample["indices"].tolist() == [[4 * view, 4 * view + 1], [4 * view + 2, 4 * view + 3]]
+    assert sample["teacher_features"].dtype == torch.float32 and sample["teacher_features"].tolist() == np.eye(2, 3)[view].tolist()
+    assert sample["teacher_tokens"].shape == (4, 3) and sample["text_features"].shape == (3,)
+    assert "teacher_tokens" not in CachedSample()(record)
+    with pytest.raises(SkippedSample, match="bad_record: no teacher_features.npy"):
+        CachedSample()({"__key__": "a", "indices.npy": b"", "text_features.npy": b""})
+    with pytest.raises(SkippedSample, match="bad_record: ValueError"):
+        CachedSample()({"__key__": "a", "indices.npy": b"garbage", "teacher_features.npy": b"", "text_features.npy": b""})
 
 
 def test_each_epoch_picks_a_view_afresh(tiny_cache):

@@ -82,6 +82,23 @@ def test_causal_attention_equals_an_explicit_additive_mask():
     torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_incremental_causal_pass_equals_the_full_forward(tiny):
+    indices = tiny.tokenizer.encode(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1).indices.flatten(1)
+    with torch.no_grad():
+        full = tiny.visual.trunk.features_from_codes(tiny.tokenizer.lookup(indices.view(2, 8, 8)))
+    one_at_a_time, cache = [], toklip.models.CausalCache()
+    for position in range(64):
+        one_at_a_time.append(tiny.extend_indices(indices[:, position : position + 1], cache))
+    assert cache.length == 64
+    torch.testing.assert_close(torch.cat(one_at_a_time, dim=1), full, rtol=0, atol=1e-5)
+    chunks, cache = [], toklip.models.CausalCache()
+    for start, stop in ((0, 5), (5, 6), (6, 40), (40, 64)):  # a prompt, then steps of any size
+        chunks.append(tiny.extend_indices(indices[:, start:stop], cache))
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="64 \\+ 1 tokens exceed the model's 64"):
+        tiny.extend_indices(indices[:, :1], cache)
+
+
 def test_encode_indices_equals_encode_image(tiny):
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     indices = tiny.tokenizer.encode(images).indices

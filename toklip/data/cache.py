@@ -38,10 +38,11 @@ class CachedSample:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         names = ("indices", "teacher_features", "text_features", *(("teacher_tokens",) if self.teacher_tokens else ()))
+        missing = [f"{name}.npy" for name in names if f"{name}.npy" not in sample]
+        if missing:
+            raise SkippedSample("bad_record", f"no {', '.join(missing)}")
         try:
             arrays = {name: np.load(io.BytesIO(sample[f"{name}.npy"]), allow_pickle=False) for name in names}
-        except KeyError as err:
-            raise SkippedSample("bad_record", f"no {err.args[0]}") from None
         except (ValueError, OSError, EOFError) as err:
             raise SkippedSample("bad_record", f"{type(err).__name__}: {err}") from None
         views = len(arrays["indices"])

@@ -6,6 +6,7 @@ are those of the release's `visual.trunk`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -19,6 +20,7 @@ from .backbones import BackboneSpec
 
 _LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 _GELUTanh = get_act_layer("gelu_tanh")
+KeysValues = tuple[torch.Tensor, torch.Tensor]  # a block's keys and values, (B, heads, tokens, head width) each
 
 
 class CausalSelfAttention(nn.Module):
@@ -37,10 +39,28 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def extend(self, x: torch.Tensor, past: KeysValues | None) -> tuple[torch.Tensor, KeysValues]:
+        """Attention of new tokens x (B, n, D) that follow the `past` keys and values (or start the
+        sequence): each attends to the past and to the new tokens up to itself. Returns the output and
+        the keys and values of the whole sequence so far."""
+        q, k, v = self._heads(x)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        new, total = q.shape[2], k.shape[2]
+        # One new token sees everything; n new tokens see the past and a causal n x n corner.
+        mask = None if new == 1 else torch.ones(new, total, dtype=torch.bool, device=x.device).tril(total - new)
+        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), (k, v)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, tokens, width = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+        return self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        batch, _, tokens, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
 class CausalBlock(nn.Module):
@@ -56,6 +76,25 @@ class CausalBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def extend(self, x: torch.Tensor, past: KeysValues | None) -> tuple[torch.Tensor, KeysValues]:
+        """`forward` for new tokens after a cached past (see `CausalSelfAttention.extend`)."""
+        attended, keys_values = self.attn.extend(self.norm1(x), past)
+        x = x + attended
+        return x + self.mlp(self.norm2(x)), keys_values
+
+
+@dataclass
+class CausalCache:
+    """The keys and values of every block for the tokens encoded so far: with it, `TokenEncoder.extend`
+    costs one token's work a new token, not a pass over the whole prefix."""
+
+    blocks: list[KeysValues] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        """Tokens encoded so far."""
+        return self.blocks[0][0].shape[2] if self.blocks else 0
 
 
 class TokenEncoder(nn.Module):
@@ -106,6 +145,24 @@ class TokenEncoder(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        return self.norm(x)
+
+    @torch.no_grad()
+    def extend(self, codes: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """Codes (B, n, C) of the next n tokens in raster order -> their features (B, n, D), equal to
+        those of `features_from_codes` over the whole sequence (the trunk is causal); `cache` grows by
+        n. What an autoregressive generator reads as it samples, a token at a time."""
+        start = cache.length
+        if start + codes.shape[1] > self.num_tokens:
+            raise ValueError(f"{start} + {codes.shape[1]} tokens exceed the model's {self.num_tokens} ({self.grid[0]}x{self.grid[1]})")
+        x = codes.to(self.vq_table.weight.dtype)
+        x = self.vq_mapping(self.vq_act(self.vq_table(x))) + self.pos_embed[:, start : start + codes.shape[1]]
+        for index, block in enumerate(self.blocks):
+            x, keys_values = block.extend(x, cache.blocks[index] if start else None)
+            if start:
+                cache.blocks[index] = keys_values
+            else:
+                cache.blocks.append(keys_values)
         return self.norm(x)
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:

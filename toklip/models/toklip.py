@@ -14,7 +14,7 @@ from ..data.transforms import preprocess_config
 from ..tokenizers import CodebookLookup, VQTokenizer
 from .backbones import BackboneSpec
 from .text import build_text_tower
-from .token_encoder import TokenEncoder
+from .token_encoder import CausalCache, TokenEncoder
 
 TOKENIZER_PREFIX = "visual.trunk.vq."  # where a TokLIP state dict keeps its frozen VQ tokenizer
 
@@ -97,6 +97,11 @@ class TokLIP(nn.Module):
         tokens = trunk.features_from_codes(self.tokenizer.lookup(indices))
         embedding = self._maybe_normalize(trunk.pool(tokens), normalize)
         return (embedding, tokens) if return_tokens else embedding
+
+    def extend_indices(self, indices: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """The causal features (B, n, D) of the next n VQ indices (B, n) after those `cache` holds (start
+        from `CausalCache()`): `token_features` a few tokens at a time, as a generator samples them."""
+        return self.visual.trunk.extend(self.tokenizer.lookup(indices), cache)
 
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:

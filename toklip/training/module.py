@@ -234,7 +234,10 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         if self.distill is not None:
             student_tokens = token_features if self.wants_teacher_tokens else None
             if student_tokens is not None and "teacher_tokens" not in targets:
-                raise ValueError("loss.token_distill_weight > 0 needs the teacher's patch tokens: build the cache with teacher_tokens=true")
+                raise ValueError(
+                    "loss.token_distill_weight > 0 needs the teacher's patch tokens: a cache made with teacher_tokens=true, "
+                    "read with data.read_teacher_tokens=true"
+                )
             losses.update(self.distill(image_features, targets["teacher_features"], student_tokens, targets.get("teacher_tokens")))
         return losses
 
