@@ -162,6 +162,11 @@ def test_folders_are_cut_into_parts_with_their_captions(tmp_path):
     parts = input_parts(tmp_path / "photos", files_per_part=2)
     assert [(p.name, p.files) for p in parts] == [("000000", ("0.png", "1.png")), ("000001", ("2.png", "3.png")), ("000002", ("4.png",))]
     assert [s.get("txt") for s in parts[1].samples()] == [None, b"a red square"]
+    encode(encode_cfg(tmp_path, tmp_path / "photos", "samples_per_file=2"))
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "35.png")  # sorts between 3 and 4: the last part's files move
+    counts = encode(encode_cfg(tmp_path, tmp_path / "photos", "samples_per_file=2"))
+    assert counts["parts"] == 1 and counts["encoded"] == 2  # 000002 redone with 35 and 4; 000000 and 000001 kept
+    assert sorted(keys_of(sorted((tmp_path / "out").glob("*.tar")))) == ["0", "1", "2", "3", "35", "4"]
 
 
 # ---- the training cache ---------------------------------------------------------------------------------

@@ -54,8 +54,15 @@ def record_path(out: Path, part: str) -> Path:
 
 
 def is_finished(out: Path, part: InputPart, format: str) -> bool:
-    """A part is finished when its output exists: it is renamed into place only when whole, after its record."""
-    return output_path(out, part.name, format).is_file() and record_path(out, part.name).is_file()
+    """A part is finished when its output exists (it is renamed into place only when whole, after its
+    record) and its record names the same input (a folder's files may have moved between parts)."""
+    if not output_path(out, part.name, format).is_file():
+        return False
+    try:
+        record = json.loads(record_path(out, part.name).read_text())
+    except (OSError, ValueError):
+        return False
+    return all(record.get(key) == value for key, value in part.identity().items())
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -188,11 +195,11 @@ class PartWriter(BasePredictionWriter):
         self.counts: Counter[str] = Counter()
         self._open: dict[str, tuple[Any, int]] = {}  # part -> (sink, samples written)
         self._progress: tqdm | None = None
+        self._parts: dict[str, InputPart] = {}  # this rank's parts to write, by name
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        todo = len(trainer.datamodule.todo)
-        self._progress = tqdm(desc="encode", unit="img", disable=not trainer.is_global_zero, postfix={"parts": f"0/{todo}"})
-        self._todo = todo
+        self._parts = {part.name: part for part in trainer.datamodule.todo}
+        self._progress = tqdm(desc="encode", unit="img", disable=not trainer.is_global_zero, postfix={"parts": f"0/{len(self._parts)}"})
 
     def write_on_batch_end(
         self,
@@ -215,14 +222,14 @@ class PartWriter(BasePredictionWriter):
 
     def _finish(self, part: str, skipped: Mapping[str, int], rank: int) -> None:
         sink, samples = self._open.pop(part)
-        record = {"samples": samples, "skipped": dict(skipped), "rank": rank}
+        record = {**self._parts[part].identity(), "samples": samples, "skipped": dict(skipped), "rank": rank}
         replace_file(record_path(self.out, part), (json.dumps(record, sort_keys=True) + "\n").encode())
         sink.publish()  # after its record: an output that exists is a finished part
         self.counts["encoded"] += samples
         self.counts["skipped"] += sum(n for reason, n in skipped.items() if reason != "bad_shard")
         self.counts["bad_shards"] += skipped.get("bad_shard", 0)
         self.counts["parts"] += 1
-        self._progress.set_postfix(parts=f"{self.counts['parts']}/{self._todo}")
+        self._progress.set_postfix(parts=f"{self.counts['parts']}/{len(self._parts)}")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close()
@@ -263,11 +270,7 @@ def write_manifest(out: Path, parts: Sequence[InputPart], format: str) -> dict[s
     manifest = json.loads((out / MANIFEST).read_text())
     finished = [part for part in parts if is_finished(out, part, format)]
     manifest["parts"] = {
-        part.name: {
-            "input": part.source,
-            "output": output_path(out, part.name, format).name,
-            **json.loads(record_path(out, part.name).read_text()),
-        }
+        part.name: {"output": output_path(out, part.name, format).name, **json.loads(record_path(out, part.name).read_text())}
         for part in finished
     }
     manifest["samples"] = sum(record["samples"] for record in manifest["parts"].values())

@@ -3,6 +3,7 @@ output file of its own, so that a job splits over ranks and workers and resumes 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -22,6 +23,11 @@ class InputPart:
     name: str  # its output's base name
     source: str
     files: tuple[str, ...] = ()
+
+    def identity(self) -> dict[str, str]:
+        """What its record must name for an output to count as this part's: the input, and a folder part's files."""
+        files = {"files_sha256": hashlib.sha256("\n".join(self.files).encode()).hexdigest()} if self.files else {}
+        return {"input": self.source, **files}
 
     def samples(self) -> Iterator[dict[str, Any]]:
         """WebDataset-style samples ({"__key__", "<ext>": bytes, ...}); a damaged shard raises when read."""
