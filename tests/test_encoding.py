@@ -108,6 +108,20 @@ def test_other_settings_over_the_same_output_are_refused_with_what_to_do(synthet
         encode(encode_cfg(tmp_path, source, "tokens_dtype=float32"))
 
 
+def test_bf16_encodes_the_same_indices_as_fp32(synthetic_set, tmp_path):
+    source = f"{Path(synthetic_set.root, 'train')}/000000.tar"
+    for run, precision in (("fp32", "32-true"), ("bf16", "bf16-mixed")):  # the same seed: the same random-init model
+        encode(encode_cfg(tmp_path / run, source, f"trainer.precision={precision}"))
+    records = [
+        {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / run / "out" / "000000.tar"), shardshuffle=False).decode()}
+        for run in ("fp32", "bf16")
+    ]
+    assert all(np.array_equal(records[0][key]["indices.npy"], records[1][key]["indices.npy"]) for key in records[0])  # the fp32 path
+    assert any(
+        not np.array_equal(records[0][key]["tokens.npy"], records[1][key]["tokens.npy"]) for key in records[0]
+    )  # the trunk ran in bf16
+
+
 def test_skipped_images_and_damaged_shards_are_counted_and_named(tmp_path, caplog):
     (tmp_path / "in").mkdir()
     good = wds.TarWriter(str(tmp_path / "in" / "a.tar"))

@@ -227,10 +227,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def encode(cfg: DictConfig) -> dict[str, int]:
     """VQ indices, per-token features and embeddings of every image of `cfg.input`, into `cfg.output`:
     one output file per input shard, resumable, over the ranks and precision of `cfg.trainer`."""
+    L.seed_everything(cfg.seed, verbose=False)  # a random-init model is the same one in every run of the job
     encoder = FeatureEncoder(load_model(cfg), features=list(cfg.features), tokens_dtype=_dtype(cfg, "tokens_dtype"))
     settings = {
         "kind": "features", "model": _describe_file(cfg.checkpoint), "preset": cfg.preset, "resolution": encoder.model.image_size,
-        "features": list(encoder.features), "tokens_dtype": cfg.tokens_dtype,
+        "features": list(encoder.features), "tokens_dtype": cfg.tokens_dtype, "seed": cfg.seed,
     }  # fmt: skip
     return _run_job(cfg, encoder, encoder.prepare(), settings)
 
@@ -240,6 +241,7 @@ def cache(cfg: DictConfig) -> dict[str, int]:
     `cfg.views` augmented crops' VQ indices and teacher embeddings, and the caption's text embedding,
     computed by the run's own frozen networks (`TokLIPModule`). `toklip-train data=cache` trains from it."""
     prepare_synthetic_data(cfg)
+    L.seed_everything(cfg.seed, verbose=False)  # a random-init VQ is the same one in every run of the job
     module_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     module: TokLIPModule = instantiate({**module_cfg, "inputs": "images"}, _convert_="all")
     encoder = CacheEncoder(module, views=cfg.views, teacher_tokens=cfg.teacher_tokens, dtype=_dtype(cfg, "dtype"))
