@@ -345,5 +345,7 @@ def test_a_cache_refuses_another_model_or_evaluation_sets(frozen_parts, tiny_cac
         dm.check_model({**settings["architecture"], "image_size": 32}, settings["codebook_sha256"])
     with pytest.raises(ConfigError, match="eval=none"):
         CacheDataModule(f"{tiny_cache}/*.tar", eval_sets={"zeroshot": {"kind": "zeroshot", "root": "x"}})
+    with pytest.raises(ConfigError, match="cannot validate on eval sets zeroshot, retrieval: add eval=none"):
+        toklip.train(train_from_cache_cfg(frozen_parts, tiny_cache, tmp_path / "run", "eval=synthetic"))
     with pytest.raises(ValueError, match="needs tokenizer.checkpoint"):
         TokLIPModule("tiny_64", teacher={"checkpoint": str(frozen_parts[0])}, inputs="cache")

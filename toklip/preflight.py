@@ -112,6 +112,17 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint).replace("typing.", ""))
 
 
+def check_cached_run(cfg: DictConfig) -> None:
+    """A run from a training cache (`model.inputs=cache`, set by data=cache) has no image side to
+    validate with; evaluation sets are refused before anything is resolved (they may name data keys
+    that a cache does not have)."""
+    if cfg.model.get("inputs") == "cache" and cfg.eval.get("sets"):
+        raise ConfigError(
+            f"data=cache trains without images, so it cannot validate on eval sets {', '.join(cfg.eval.sets)}: "
+            "add eval=none, then evaluate the export with toklip-eval"
+        )
+
+
 def check_resolution(cfg: DictConfig) -> None:
     """The image size must be a whole number of tokens."""
     downsample = tokenizer_downsample(cfg.tokenizer.name)

@@ -42,7 +42,7 @@ from .models.factory import build_toklip_from, convert_released, convert_teacher
 from .models.presets import preset_from_config
 from .models.text import get_text_tokenizer_for
 from .models.toklip import TokLIP
-from .preflight import check_input_alignment, check_resolution, check_resumed_model, check_shards, check_targets
+from .preflight import check_cached_run, check_input_alignment, check_resolution, check_resumed_model, check_shards, check_targets
 from .run_lock import exclusive, is_first_process
 from .tokenizers.base import codebook_fingerprint
 from .training import TokLIPModule
@@ -58,6 +58,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from `cfg`, fit, and return the final metrics (also written to metrics.json).
     The run directory has one writer: a second run started on it while the first lives is refused.
     A finished run resumed again builds and writes nothing and returns its recorded metrics."""
+    check_cached_run(cfg)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.pop("synthetic", None)  # the generator's parameters, for prepare_synthetic_data
     ckpt_path = preflight(cfg, data_cfg)
