@@ -31,7 +31,7 @@ def conditions(kind: str, batch: int = 3) -> torch.Tensor:
 def test_teacher_forced_logits_equal_the_incremental_cached_path(tiny_toklip, mode, condition):
     model = generator(mode, condition)
     indices = torch.randint(0, 1024, (3, 64), generator=torch.Generator().manual_seed(1))
-    features = tiny_toklip.visual.trunk.features_from_codes(tiny_toklip.tokenizer.lookup(indices.view(3, 8, 8))).detach()
+    features = tiny_toklip.index_features(indices.view(3, 8, 8)).detach()
     with torch.no_grad():
         forced = model(indices, conditions(condition), features if mode == "codes+toklip" else None)
     stream = model.stream(conditions(condition), tiny_toklip)

@@ -85,7 +85,7 @@ def test_causal_attention_equals_an_explicit_additive_mask():
 def test_the_incremental_causal_pass_equals_the_full_forward(tiny):
     indices = tiny.tokenizer.encode(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1).indices.flatten(1)
     with torch.no_grad():
-        full = tiny.visual.trunk.features_from_codes(tiny.tokenizer.lookup(indices.view(2, 8, 8)))
+        full = tiny.index_features(indices.view(2, 8, 8))
     one_at_a_time, cache = [], toklip.models.CausalCache()
     for position in range(64):
         one_at_a_time.append(tiny.extend_indices(indices[:, position : position + 1], cache))

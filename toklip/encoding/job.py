@@ -53,16 +53,17 @@ def record_path(out: Path, part: str) -> Path:
     return out / f"{part}.json"
 
 
-def is_finished(out: Path, part: InputPart, format: str) -> bool:
-    """A part is finished when its output exists (it is renamed into place only when whole, after its
-    record) and its record names the same input (a folder's files may have moved between parts)."""
+def finished_record(out: Path, part: InputPart, format: str) -> dict[str, Any] | None:
+    """The record of a finished part, or None. A part is finished when its output exists (it is renamed
+    into place only when whole, after its record) and its record names the same input (a folder's
+    files may have moved between parts)."""
     if not output_path(out, part.name, format).is_file():
-        return False
+        return None
     try:
         record = json.loads(record_path(out, part.name).read_text())
     except (OSError, ValueError):
-        return False
-    return all(record.get(key) == value for key, value in part.identity().items())
+        return None
+    return record if all(record.get(key) == value for key, value in part.identity().items()) else None
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ class EncodeData(L.LightningDataModule):
     def predict_dataloader(self) -> SignalSafeLoader:
         rank, world_size = rank_and_world()
         # Split before looking at what is finished: ranks agree on the split whatever the others have done.
-        self.todo = [part for part in self.parts[rank::world_size] if not is_finished(self.out, part, self.format)]
+        self.todo = [part for part in self.parts[rank::world_size] if finished_record(self.out, part, self.format) is None]
         workers = min(self.num_workers, len(self.todo))
         dataset = PartBatches(self.todo, self.prepare, self.batch_size)
         return SignalSafeLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
@@ -268,13 +269,12 @@ def claim_output(out: Path, settings: Mapping[str, Any]) -> None:
 def write_manifest(out: Path, parts: Sequence[InputPart], format: str) -> dict[str, Any]:
     """The settings and the record of every finished part (with its input), and whether all are finished."""
     manifest = json.loads((out / MANIFEST).read_text())
-    finished = [part for part in parts if is_finished(out, part, format)]
+    records = {part.name: finished_record(out, part, format) for part in parts}
     manifest["parts"] = {
-        part.name: {"output": output_path(out, part.name, format).name, **json.loads(record_path(out, part.name).read_text())}
-        for part in finished
+        name: {"output": output_path(out, name, format).name, **record} for name, record in records.items() if record is not None
     }
     manifest["samples"] = sum(record["samples"] for record in manifest["parts"].values())
-    manifest["complete"] = len(finished) == len(parts)
+    manifest["complete"] = len(manifest["parts"]) == len(parts)
     replace_file(out / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest
 

@@ -135,7 +135,7 @@ class TokenGenerator(nn.Module):
 
     def forward(self, indices: torch.Tensor, condition: torch.Tensor, toklip_features: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, N, codebook_size) of every index of `indices` (B, N) given the ones before it."""
-        inputs = torch.cat([self.condition_tokens(condition), self.token_inputs(indices[:, :-1], _head(toklip_features))], dim=1)
+        inputs = torch.cat([self.condition_tokens(condition), self.token_inputs(indices[:, :-1], _all_but_last(toklip_features))], dim=1)
         hidden = self.backbone(inputs_embeds=inputs).last_hidden_state
         return self.head(hidden[:, self.prefix_tokens - 1 :])
 
@@ -213,6 +213,6 @@ class IncrementalStream:
         self.logits = self.model.head(out.last_hidden_state[:, -1]).float()
 
 
-def _head(features: torch.Tensor | None) -> torch.Tensor | None:
+def _all_but_last(features: torch.Tensor | None) -> torch.Tensor | None:
     """The features of every token but the last (the inputs of teacher forcing)."""
     return None if features is None else features[:, :-1]

@@ -51,7 +51,7 @@ class GeneratorModule(L.LightningModule):
         if self.generator.toklip_projection is None:
             return None
         with torch.no_grad():
-            return self.toklip.visual.trunk.features_from_codes(self.toklip.tokenizer.lookup(indices))
+            return self.toklip.index_features(indices)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         indices = batch["indices"]

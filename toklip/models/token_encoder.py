@@ -138,8 +138,7 @@ class TokenEncoder(nn.Module):
                 f"token grid {tuple(codes.shape[1:3])} does not match the model's {self.grid} "
                 f"(images of {self.grid[0] * self.vq.downsample}x{self.grid[1] * self.vq.downsample} px)"
             )
-        x = codes.flatten(1, 2).to(self.vq_table.weight.dtype)
-        x = self.vq_mapping(self.vq_act(self.vq_table(x))) + self.pos_embed
+        x = self._embed(codes.flatten(1, 2), start=0)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
@@ -155,15 +154,18 @@ class TokenEncoder(nn.Module):
         start = cache.length
         if start + codes.shape[1] > self.num_tokens:
             raise ValueError(f"{start} + {codes.shape[1]} tokens exceed the model's {self.num_tokens} ({self.grid[0]}x{self.grid[1]})")
-        x = codes.to(self.vq_table.weight.dtype)
-        x = self.vq_mapping(self.vq_act(self.vq_table(x))) + self.pos_embed[:, start : start + codes.shape[1]]
-        for index, block in enumerate(self.blocks):
-            x, keys_values = block.extend(x, cache.blocks[index] if start else None)
-            if start:
-                cache.blocks[index] = keys_values
-            else:
-                cache.blocks.append(keys_values)
+        x = self._embed(codes, start)
+        pasts = cache.blocks or [None] * len(self.blocks)
+        for index, (block, past) in enumerate(zip(self.blocks, pasts)):
+            x, keys_values = block.extend(x, past)
+            pasts[index] = keys_values
+        cache.blocks = pasts
         return self.norm(x)
+
+    def _embed(self, codes: torch.Tensor, start: int) -> torch.Tensor:
+        """Codes (B, n, C) of the tokens at positions start.. -> the first block's input (B, n, D)."""
+        x = self.vq_mapping(self.vq_act(self.vq_table(codes.to(self.vq_table.weight.dtype))))
+        return x + self.pos_embed[:, start : start + codes.shape[1]]
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """MAP pooling over all tokens (unmasked): (B, N, D) -> (B, D)."""

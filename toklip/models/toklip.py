@@ -93,10 +93,13 @@ class TokLIP(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Image embedding (B, D) from VQ indices (B, h, w) alone: the token-cache path, no VQ encoder
         run; with `return_tokens`, also the per-token features (B, N, D). What training steps run."""
-        trunk = self.visual.trunk
-        tokens = trunk.features_from_codes(self.tokenizer.lookup(indices))
-        embedding = self._maybe_normalize(trunk.pool(tokens), normalize)
+        tokens = self.index_features(indices)
+        embedding = self._maybe_normalize(self.visual.trunk.pool(tokens), normalize)
         return (embedding, tokens) if return_tokens else embedding
+
+    def index_features(self, indices: torch.Tensor) -> torch.Tensor:
+        """VQ indices (B, h, w) -> causal per-token features (B, N, D): `token_features` from the codes alone."""
+        return self.visual.trunk.features_from_codes(self.tokenizer.lookup(indices))
 
     def extend_indices(self, indices: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         """The causal features (B, n, D) of the next n VQ indices (B, n) after those `cache` holds (start

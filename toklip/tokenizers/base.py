@@ -92,10 +92,7 @@ class VQTokenizer(nn.Module):
 
     def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """Token grid (h, w) for an image size (an int means a square image)."""
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-        if height % self.downsample or width % self.downsample:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the tokenizer's downsample factor {self.downsample}")
-        return height // self.downsample, width // self.downsample
+        return token_grid(image_size, self.downsample)
 
     def convert_state_dict(self, state_dict: StateDict) -> tuple[StateDict, list[str]]:
         """A checkpoint's state dict in this module's key layout, and the keys dropped on purpose."""
@@ -182,6 +179,14 @@ class VQTokenizer(nn.Module):
         return images.float().clamp(-1, 1)
 
 
+def token_grid(image_size: int | tuple[int, int], downsample: int) -> tuple[int, int]:
+    """Token grid (h, w) of an image size (an int means a square image) at `downsample` pixels a token."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if height % downsample or width % downsample:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the tokenizer's downsample factor {downsample}")
+    return height // downsample, width // downsample
+
+
 def check_indices(indices: torch.Tensor, codebook_size: int) -> None:
     """Indices must be int64 and, on the CPU, lie in [0, codebook_size). On a GPU the range check
     would sync every step, and an out-of-range index there already fails loudly (a device assertion)."""
@@ -203,7 +208,7 @@ class CodebookLookup(nn.Module):
         self.input_mean, self.input_std = tokenizer.input_mean, tokenizer.input_std
 
     def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
-        return VQTokenizer.grid(self, image_size)
+        return token_grid(image_size, self.downsample)
 
     @torch.no_grad()
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
