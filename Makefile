@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo lint test test-all
+.PHONY: install demo demo-generation lint test test-all
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/toklip-demo
+
+demo-generation: $(STAMP)
+	$(VENV)/bin/toklip-demo-generation
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -65,3 +65,17 @@ def synthetic_set(tmp_path_factory):
         train_samples=256, samples_per_shard=64, zeroshot_classes=("colour",), zeroshot_per_class=3, retrieval_images=20
     )
     return make_synthetic(tmp_path_factory.mktemp("synthetic"), config)
+
+
+@pytest.fixture(scope="session")
+def frozen_parts(tmp_path_factory):
+    """(tiny teacher file, tiny VQ file, the overrides naming both): a tiny run's frozen networks."""
+    import toklip
+    from toklip.checkpoints import save_safetensors
+    from toklip.models.teacher import build_open_clip
+
+    root = tmp_path_factory.mktemp("frozen")
+    torch.manual_seed(123)
+    teacher = save_safetensors(build_open_clip("tiny_teacher_64").state_dict(), root / "teacher.safetensors")
+    vq = save_safetensors(toklip.build_tokenizer("llamagen_tiny").state_dict(), root / "vq.safetensors")
+    return teacher, vq, (f"teacher.checkpoint={teacher}", f"tokenizer.checkpoint={vq}")

@@ -187,6 +187,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
         "corrupt_image": 2,
         "too_large": 1,
         "bad_record": 0,
+        "no_label": 0,
         "bad_shard": 0,
     }
     metrics = dm.data_metrics()
@@ -452,6 +453,7 @@ def test_skips_after_the_last_full_batch_are_counted_in_every_worker(tmp_path, n
         "corrupt_image": 2,
         "too_large": 2,
         "bad_record": 0,
+        "no_label": 0,
         "bad_shard": 0,
     }
 

@@ -18,7 +18,6 @@ import webdataset as wds
 from omegaconf import open_dict
 
 import toklip
-from toklip.checkpoints import save_safetensors
 from toklip.config import ConfigError
 from toklip.data import CacheDataModule
 from toklip.data.transforms import train_transform
@@ -48,18 +47,6 @@ def encode_cfg(tmp_path: Path, source, *overrides: str):
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     return cfg
-
-
-@pytest.fixture(scope="module")
-def frozen_parts(tmp_path_factory):
-    """(tiny teacher file, tiny VQ file, common overrides naming both)."""
-    from toklip.models.teacher import build_open_clip
-
-    root = tmp_path_factory.mktemp("frozen")
-    torch.manual_seed(123)
-    teacher = save_safetensors(build_open_clip("tiny_teacher_64").state_dict(), root / "teacher.safetensors")
-    vq = save_safetensors(toklip.build_tokenizer("llamagen_tiny").state_dict(), root / "vq.safetensors")
-    return teacher, vq, (f"teacher.checkpoint={teacher}", f"tokenizer.checkpoint={vq}")
 
 
 # ---- the encode job ---------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""The generator over VQ indices: teacher forcing equals the incremental path, guidance, overfitting."""
+"""The generator over VQ indices: teacher forcing equals the incremental path, guidance, overfitting; the
+class-conditional pipeline from a labelled cache to scored images; the sample scores."""
+
+import json
 
 import pytest
 import torch
@@ -118,3 +121,152 @@ def test_the_module_trains_from_cache_batches_and_checkpoints_the_generator_alon
     assert torch.equal(restored.generator.head.weight, module.generator.head.weight)
     samples = restored.generator.eval().generate(batches[0]["text_features"][:2], toklip=restored.toklip, guidance_scale=2.0)
     assert samples.shape == (2, 64) and tiny_toklip.tokenizer.decode(samples.view(2, 8, 8)).shape == (2, 3, 64, 64)
+
+
+# ---- class-conditional, end to end: a labelled cache, toklip-train model=generator, toklip-generate ----------
+
+COLOURS = ((220, 40, 40), (40, 170, 60), (40, 70, 220), (240, 220, 40))  # class c: a square of colour c
+
+
+def write_labelled_shards(root, per_class: int = 8):
+    """ImageNet-style shards: <key>.jpg and <key>.cls, no captions; and the same images as class folders."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = torch.Generator().manual_seed(0)
+    with wds.ShardWriter(str(root / "%06d.tar"), maxcount=16) as sink:
+        for number in range(per_class * len(COLOURS)):
+            label = number % len(COLOURS)
+            image = Image.new("RGB", (64, 64), (128, 128, 128))
+            left, top = torch.randint(0, 32, (2,), generator=rng).tolist()
+            image.paste(COLOURS[label], (left, top, left + 32, top + 32))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG")
+            sink.write({"__key__": f"{number:05d}", "jpg": buffer.getvalue(), "cls": str(label).encode()})
+            (root / "reference").mkdir(exist_ok=True)
+            image.save(root / "reference" / f"{number:05d}.png")
+    return root
+
+
+def compose(name: str, run_dir, overrides):
+    from omegaconf import open_dict
+
+    cfg = toklip.compose_config(name, ["experiment=tiny", "trainer.enable_progress_bar=false", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def test_class_conditional_generation_from_a_labelled_cache_to_scored_images(frozen_parts, tmp_path):
+    from hydra.utils import instantiate
+
+    from toklip.config import ConfigError
+    from toklip.generation import load_generator
+    from toklip.tasks import cache, generate, train
+
+    shards = write_labelled_shards(tmp_path / "shards")
+    data = ["data=webdataset", f"data.train_urls={shards}/*.tar", "data.train_num_samples=32", *frozen_parts[2]]
+    cache_cfg = compose(
+        "cache", tmp_path / "cache_run", [*data, "captions=false", "labels=true", "views=1", "num_workers=0", "batch_size=16",
+                                          f"output={tmp_path / 'cache'}"],
+    )  # fmt: skip
+    assert cache(cache_cfg)["encoded"] == 32
+    export = instantiate(cache_cfg.model, _convert_="all").export(tmp_path / "toklip.safetensors")  # the same VQ as the cache's
+    run = [
+        "model=generator", "data=cache", "eval=none", "teacher=none", f"data.train_urls={tmp_path / 'cache'}/*.tar",
+        "data.num_workers=0", "data.batch_size_per_device=8", "trainer.max_steps=3", f"model.toklip={export}",
+        "model.input_mode=codes+toklip", "callbacks.export.filename=generator.safetensors",
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="needs caption embeddings"):  # a text-conditional model on a captionless cache
+        train(compose("train", tmp_path / "text_run", run))
+    metrics = train(compose("train", tmp_path / "run", [*run, "model.condition=class", "model.num_classes=4"]))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    generator, toklip_path = load_generator(tmp_path / "run" / "generator.safetensors")
+    assert generator.num_classes == 4 and generator.input_mode == "codes+toklip" and toklip_path == str(export.resolve())
+
+    classnames = tmp_path / "classnames.txt"
+    classnames.write_text("red\ngreen\nblue\nyellow\n")
+    generate_cfg = [
+        f"checkpoint={tmp_path / 'run' / 'generator.safetensors'}", "classes=[0,3]", "samples_per_condition=2",
+        f"score.reference={shards / 'reference'}", f"score.classnames={classnames}", f"out={tmp_path / 'samples'}",
+    ]  # fmt: skip
+    scores = generate(compose("generate", tmp_path / "gen", generate_cfg))
+    assert scores["fd"] > 0 and 0 <= scores["zeroshot_accuracy"] <= 1
+    records = json.loads((tmp_path / "samples" / "samples.json").read_text())
+    assert [r["condition"] for r in records] == ["class 0", "class 0", "class 3", "class 3"]
+    assert all((tmp_path / "samples" / r["file"]).is_file() for r in records)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "samples" / "grid.png").size == (2 + 2 * 66, 2 + 2 * 66)  # 2 x 2 images of 64 px
+    again = generate(compose("generate", tmp_path / "gen", [*generate_cfg, f"out={tmp_path / 'again'}"]))
+    assert again == scores  # the same seed draws the same images
+    with pytest.raises(ConfigError, match="class-conditional"):
+        generate(compose("generate", tmp_path / "gen", [*generate_cfg, "classes=[]", "prompts=[a red square]"]))
+    with pytest.raises(ConfigError, match="outside 0..3"):
+        generate(compose("generate", tmp_path / "gen", [*generate_cfg, "classes=[4]"]))
+
+
+def test_frechet_distance_and_clip_score_in_a_supplied_feature_space():
+    from toklip.generation.evaluation import SampleScorer, clip_score
+
+    class MeanColour(torch.nn.Module):  # a feature space: each channel's mean and spread
+        def encode_image(self, images):
+            return torch.cat([images.mean((2, 3)), images.std((2, 3))], dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(64, 3, 16, 16, generator=g)
+    scorer = SampleScorer(MeanColour(), None, 16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert abs(scorer.frechet_distance(real, real)) < 1e-6
+    assert scorer.frechet_distance(real, real * 0.5) > scorer.frechet_distance(real, real * 0.9) > 0
+    image, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    torch.testing.assert_close(clip_score(image.expand(2, 2), text), torch.tensor([100 / 2**0.5, 0.0]))
+
+
+def test_fsdp2_shards_the_generator_and_exports_it_whole(tiny_toklip, tmp_path):
+    """Lightning's ModelParallelStrategy re-launches the script, so this runs as its own program."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from toklip.generation import load_generator
+    from toklip.models.factory import export_toklip
+    from toklip.models.presets import preset
+
+    export = export_toklip(tiny_toklip.state_dict(), preset("tiny_64"), tmp_path / "toklip.safetensors")
+    script = tmp_path / "fsdp2.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import lightning as L, torch
+        from toklip.generation import GeneratorModule
+        from toklip.training import ExportModel
+        from toklip.training.strategies import fsdp2
+        g = torch.Generator().manual_seed(0)
+        batches = [{{"indices": torch.randint(0, 1024, (4, 8, 8), generator=g), "label": torch.randint(0, 3, (4,), generator=g)}}
+                   for _ in range(2)]
+        m = GeneratorModule({str(export)!r}, condition="class", num_classes=3, input_mode="codes+toklip",
+                            optim={{"lr": 1e-3, "warmup_steps": 1, "total_steps": 2}})
+        t = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=fsdp2(data_parallel_size=2), logger=False,
+                      enable_progress_bar=False, enable_checkpointing=False, callbacks=[ExportModel({str(tmp_path)!r}, "generator.safetensors")])
+        t.fit(m, torch.utils.data.DataLoader(batches, batch_size=None))
+        layer = m.generator.backbone.layers[0].self_attn.q_proj.weight
+        print(f"rank {{t.global_rank}} steps {{t.global_step}} sharded {{type(layer).__name__}}")
+    """)
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 steps 2 sharded DTensor" in done.stdout and "rank 1 steps 2 sharded DTensor" in done.stdout
+    generator, _ = load_generator(tmp_path / "generator.safetensors")  # gathered from the shards, whole
+    assert generator.backbone.layers[0].self_attn.q_proj.weight.shape == (128, 128) and generator.num_classes == 3
+
+
+def test_a_class_id_is_read_from_cls_and_a_sample_without_one_is_skipped_as_no_label():
+    from toklip.data.samples import SkippedSample, label_of
+
+    assert label_of({"cls": b"207"}) == 207 and label_of({"cls": "3"}) == 3
+    with pytest.raises(SkippedSample, match="no_label: no cls"):
+        label_of({"jpg": b""})
+    with pytest.raises(SkippedSample, match="no_label: cls b'dog'"):
+        label_of({"cls": b"dog"})

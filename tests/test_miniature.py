@@ -1,11 +1,16 @@
-"""A reduced miniature (few steps, few samples) runs end to end: three stages, evaluation, report."""
+"""A reduced miniature (few steps, few samples) runs end to end: three stages, evaluation, report, then
+the generation stage on its output."""
 
 import json
 
+import pytest
 from omegaconf import OmegaConf, open_dict
 
 import toklip
+from toklip.config import ConfigError
+from toklip.generation import load_generator
 from toklip.miniature import run_demo
+from toklip.miniature.generation import run_generation
 from toklip.models.teacher import Teacher, read_open_clip_state_dict
 
 REDUCED = [
@@ -50,3 +55,26 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     # ... and the demo's data directory: the scenes are drawn once, where the user asked.
     assert {c.paths.data_dir for c in stage_cfgs} == {str(tmp_path / "scenes")}
     assert (tmp_path / "scenes" / "synthetic").is_dir() and not (tmp_path / "data").exists()
+
+    # The generation stage on that output: both input modes, two seeds, a few steps each.
+    def generation(steps: int) -> list[str]:
+        return [
+            f"stage_overrides=[{stage_overrides}]", "seed=7", f"paths.data_dir={tmp_path / 'scenes'}", f"generation.demo_dir={out}",
+            "generation.seeds=[0,1]", "generation.samples_per_prompt=1", "generation.grid_prompts=2",
+            f"generation.overrides=['trainer.max_steps={steps}','trainer.enable_progress_bar=false','data.batch_size_per_device=8']",
+        ]  # fmt: skip
+
+    summary = run_generation(toklip.compose_config("demo_generation", generation(steps=2)))
+    assert [(r["mode"], r["seed"]) for r in summary["runs"]] == [("codes", 0), ("codes+toklip", 0), ("codes", 1), ("codes+toklip", 1)]
+    assert all(r["fd"] > 0 and 0 <= r["prompt_accuracy"] <= 1 and 0 <= r["clip_score"] <= 100 for r in summary["runs"])
+    assert summary["difference"]["fd"]["n"] == 2 and summary["classes"] == 42
+    report = (out / "report.md").read_text()
+    assert "| teacher zero-shot top-1 |" in report and report.count("## Generation") == 1
+    assert "| codes+toklip − codes (paired by seed) |" in report and (out / "generation_samples.png").is_file()
+    manifest = json.loads((out / "generation" / "cache" / "manifest.json").read_text())
+    assert manifest["samples"] == 128 and manifest["settings"]["views"] == 1 and manifest["settings"]["crop_scale"] == [1.0, 1.0]
+    generator, toklip_path = load_generator(out / "generation" / "codes_toklip" / "seed1" / "generator.safetensors")
+    assert generator.input_mode == "codes+toklip" and generator.condition_kind == "text" and toklip_path.endswith("toklip.safetensors")
+    # A run directory left by other settings is refused, not taken for this run's.
+    with pytest.raises(ConfigError, match="holds a run with other settings"):
+        run_generation(toklip.compose_config("demo_generation", generation(steps=3)))

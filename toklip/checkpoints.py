@@ -261,6 +261,17 @@ def sidecar_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
+def read_sidecar(weights: Path, key: str, hint: str) -> dict[str, Any]:
+    """The description beside an export, which must record `key`; `hint` says what to do otherwise."""
+    sidecar = sidecar_path(weights)
+    if not sidecar.is_file():
+        raise ValueError(f"{weights}: no {sidecar.name} beside it recording its {key} ({hint})")
+    description = json.loads(sidecar.read_text())
+    if key not in description:
+        raise ValueError(f"{sidecar} records no {key} ({hint})")
+    return description
+
+
 def save_with_sidecar(state_dict: Mapping[str, torch.Tensor], out: str | os.PathLike, description: dict[str, str]) -> Path:
     """Safetensors carrying `description` as metadata, and the same as a readable JSON file beside it."""
     out = save_safetensors(state_dict, out, metadata=description)

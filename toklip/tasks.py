@@ -1,4 +1,4 @@
-"""The run logic every tool calls: train, evaluate, encode, cache, convert, make_synthetic (each `cfg -> result`).
+"""The run logic every tool calls: train, evaluate, encode, cache, generate, convert, make_synthetic (each `cfg -> result`).
 
 A task takes a composed configuration (`toklip.config.compose_config`, or a tool's `@hydra.main`)
 and builds everything from it; `toklip/cli/` only wraps these in Hydra mains and prints.
@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from .checkpoints import (
     CheckpointError,
@@ -38,6 +39,9 @@ from .data.transforms import TRAIN_CROP_SCALE, eval_transform
 from .data.workers import shut_down_worker_pools
 from .encoding import CacheEncoder, FeatureEncoder, input_parts, run_encode_job
 from .evaluation import evaluate as evaluate_model
+from .generation import SamplingSettings, load_generator, sample_images
+from .generation.evaluation import SampleScorer, image_batches
+from .generation.sampling import condition_tensor, save_samples
 from .models.factory import build_toklip_from, convert_released, convert_teacher, load_toklip
 from .models.presets import preset_from_config
 from .models.text import get_text_tokenizer_for
@@ -245,13 +249,16 @@ def cache(cfg: DictConfig) -> dict[str, int]:
     L.seed_everything(cfg.seed, verbose=False)  # a random-init VQ is the same one in every run of the job
     module_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     module: TokLIPModule = instantiate({**module_cfg, "inputs": "images"}, _convert_="all")
-    encoder = CacheEncoder(module, views=cfg.views, teacher_tokens=cfg.teacher_tokens, dtype=_dtype(cfg, "dtype"))
+    encoder = CacheEncoder(
+        module, views=cfg.views, teacher_tokens=cfg.teacher_tokens, dtype=_dtype(cfg, "dtype"), text=cfg.captions, labels=cfg.labels
+    )
     crop_scale = list(cfg.data.get("crop_scale") or TRAIN_CROP_SCALE)  # the training stream's augmentation
     settings = {
         "kind": "cache", "architecture": asdict(module.architecture), "preset": cfg.preset, "resolution": cfg.resolution,
         "tokenizer": _describe_file(module.tokenizer_cfg["checkpoint"]), "teacher": _describe_file(module.teacher_cfg["checkpoint"]),
         "codebook_sha256": codebook_fingerprint(module.model.tokenizer.codebook()), "views": cfg.views,
         "teacher_tokens": cfg.teacher_tokens, "dtype": cfg.dtype, "crop_scale": crop_scale, "seed": cfg.seed,
+        "captions": cfg.captions, "labels": cfg.labels,
     }  # fmt: skip
     return _run_job(cfg, encoder, encoder.prepare(crop_scale, cfg.seed), settings)
 
@@ -273,6 +280,50 @@ def _dtype(cfg: DictConfig, key: str) -> torch.dtype:
 def _describe_file(path: str | None) -> str | None:
     """A weights file as a manifest records it: its absolute path and size (None: random init)."""
     return None if path is None else f"{os.path.abspath(path)} ({os.path.getsize(path)} bytes)"
+
+
+# ---- generate ---------------------------------------------------------------------------------------
+
+
+def generate(cfg: DictConfig) -> dict[str, float]:
+    """Samples of a generator export for `cfg.prompts` or `cfg.classes` into `cfg.out` (a PNG a sample,
+    grid.png, samples.json), and their scores by the TokLIP model itself (also scores.json): CLIP-score
+    with the prompts; with `score.reference`, FD against those images; with `score.classnames`,
+    zero-shot accuracy on the classes' samples."""
+    generator, toklip_path = load_generator(cfg.checkpoint)
+    toklip = load_toklip(cfg.toklip or toklip_path)
+    try:
+        conditions, names = condition_tensor(generator, toklip, list(cfg.prompts), list(cfg.classes), cfg.text.tokenizer_path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    per_condition, device = cfg.samples_per_condition, resolve_device(cfg.device)
+    repeated = conditions.repeat_interleave(per_condition, dim=0).to(device)
+    settings = SamplingSettings(**OmegaConf.to_container(cfg.sampling))
+    _, images = sample_images(generator.to(device), toklip.to(device), repeated, settings, seed=cfg.seed, batch_size=cfg.batch_size)
+    out = Path(cfg.out)
+    save_samples(out, images.cpu(), names, per_condition)
+    scores = _score_samples(cfg, toklip.cpu(), images.cpu(), [name for name in names for _ in range(per_condition)], repeated.cpu())
+    (out / "scores.json").write_text(json.dumps({"checkpoint": cfg.checkpoint, "scores": scores}, indent=2) + "\n")
+    return scores
+
+
+def _score_samples(cfg: DictConfig, toklip: TokLIP, images: torch.Tensor, names: list[str], conditions: torch.Tensor) -> dict[str, float]:
+    preprocess = toklip.preprocess_cfg
+    tokenizer = get_text_tokenizer_for(toklip.text_spec, cfg.text.tokenizer_path)
+    scorer = SampleScorer(
+        toklip, tokenizer, toklip.image_size, preprocess.mean, preprocess.std, inception_weights=cfg.score.inception_weights
+    )
+    scores = {}
+    if cfg.prompts:
+        scores["clip_score"] = float(scorer.clip_scores(images, names).mean())
+    if cfg.score.reference is not None:
+        scores["fd"] = scorer.frechet_distance(image_batches(cfg.score.reference, toklip.image_size, cfg.batch_size), images)
+    if cfg.score.classnames is not None:
+        if not cfg.classes:
+            raise ConfigError("score.classnames scores samples of class ids: give classes=[...]")
+        classnames = [line.strip() for line in Path(cfg.score.classnames).read_text().splitlines() if line.strip()]
+        scores["zeroshot_accuracy"] = scorer.zeroshot_accuracy(images, conditions, classnames, OPENAI_IMAGENET_TEMPLATES)
+    return scores
 
 
 # ---- convert and make_synthetic ------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Training from a cache written by `toklip-cache`: the frozen networks' outputs, read instead of computed.
 
 A cache shard holds, per sample, `indices.npy` (views, h, w), `teacher_features.npy` (views, D),
-optionally `teacher_tokens.npy` (views, N, D), and `text_features.npy` (D,); its directory's
+optionally `teacher_tokens.npy` (views, N, D), `text_features.npy` (D,) and, made with `labels=true`,
+`label.npy` (the class id of the shard's `cls`); its directory's
 `manifest.json` records how it was made. The stream is the training stream (`ShardStream`: the same
 epochs, shuffles, resampling, resume without replay and skip counts); each sample gives one of its
 views, drawn from the stream's seeded generator, so an epoch picks afresh and a resumed run picks
@@ -27,17 +28,21 @@ from .sources import resolve_sources
 
 MANIFEST = "manifest.json"  # an encode job's record of its output (toklip.encoding.job writes it)
 _VIEWED = ("indices", "teacher_features", "teacher_tokens")  # one entry a view
+_INTEGER = ("indices", "label")
 
 
 @dataclass(frozen=True)
 class CachedSample:
-    """A raw cache sample -> {"indices", "teacher_features", "text_features"} (and "teacher_tokens")
-    of one view, as int64 / float32 tensors; a record that does not read is skipped as `bad_record`."""
+    """A raw cache sample -> {"indices", "teacher_features", "text_features"} (and "teacher_tokens",
+    "label") of one view, as int64 / float32 tensors; a record that does not read is skipped as `bad_record`."""
 
     teacher_tokens: bool = False
+    text: bool = True
+    labels: bool = False
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
-        names = ("indices", "teacher_features", "text_features", *(("teacher_tokens",) if self.teacher_tokens else ()))
+        optional = {"teacher_tokens": self.teacher_tokens, "text_features": self.text, "label": self.labels}
+        names = ("indices", "teacher_features", *(name for name, wanted in optional.items() if wanted))
         missing = [f"{name}.npy" for name in names if f"{name}.npy" not in sample]
         if missing:
             raise SkippedSample("bad_record", f"no {', '.join(missing)}")
@@ -50,7 +55,7 @@ class CachedSample:
             raise SkippedSample("bad_record", "its views disagree in number")
         view = int(torch.randint(views, ()))  # the stream seeds the generator per sample position
         return {
-            name: torch.from_numpy(array[view] if name in _VIEWED else array).to(torch.int64 if name == "indices" else torch.float32)
+            name: torch.from_numpy(array[view] if name in _VIEWED else array).to(torch.int64 if name in _INTEGER else torch.float32)
             for name, array in arrays.items()
         }  # fmt: skip
 
@@ -105,15 +110,34 @@ class CacheDataModule(TokLIPDataModule):
             raise ConfigError("data.read_teacher_tokens=true: this cache holds no teacher patch tokens (make it with teacher_tokens=true)")
         self.read_teacher_tokens = read_teacher_tokens
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether the cache holds each sample's class id (made with labels=true)."""
+        return bool(self.manifest["settings"].get("labels"))
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the cache holds each sample's caption embedding (made with captions=true, the default)."""
+        return self.manifest["settings"].get("captions", True)
+
     def sample_decoder(self) -> CachedSample:
-        return CachedSample(self.read_teacher_tokens)
+        return CachedSample(self.read_teacher_tokens, self.has_text, self.has_labels)
 
     def check_model(self, architecture: Mapping[str, Any], codebook_sha256: str) -> None:
         """The model must be the one whose frozen networks made the cache: the same parts and codebook."""
         settings = self.manifest["settings"]
         if dict(architecture) != settings["architecture"]:
             raise ConfigError(f"the cache was made for the model {settings['architecture']}, not {dict(architecture)}")
+        if not self.has_text:
+            raise ConfigError("the cache holds no caption embeddings (made with captions=false): TokLIP cannot train from it")
+        self.check_codebook(codebook_sha256, settings["resolution"])
+
+    def check_codebook(self, codebook_sha256: str, resolution: int) -> None:
+        """The cache's indices must be of this codebook, on this token grid (the image resolution)."""
+        settings = self.manifest["settings"]
         if codebook_sha256 != settings["codebook_sha256"]:
             raise ConfigError(
-                f"the cache's indices refer to another codebook than tokenizer.checkpoint's (made with {settings['tokenizer']})"
+                f"the cache's indices refer to another codebook than the model's tokenizer (the cache was made with {settings['tokenizer']})"
             )
+        if resolution != settings["resolution"]:
+            raise ConfigError(f"the cache holds the tokens of {settings['resolution']} px images, the model takes {resolution} px")

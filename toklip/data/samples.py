@@ -14,7 +14,7 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Why a sample was skipped; each is counted and reported as data/skipped_<reason>.
-SKIP_REASONS = ("no_image", "no_caption", "empty_caption", "corrupt_image", "too_large", "bad_record")
+SKIP_REASONS = ("no_image", "no_caption", "empty_caption", "corrupt_image", "too_large", "bad_record", "no_label")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb bound (about 0.25 GB as RGB)
 
 
@@ -60,6 +60,15 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image
         return to_rgb(image)
     except Exception as err:
         raise SkippedSample("corrupt_image", f"{type(err).__name__}: {err}") from None
+
+
+def label_of(sample: dict[str, Any]) -> int:
+    """The class id from `cls` (a decimal number, as ImageNet's WebDataset shards write it)."""
+    raw = sample.get("cls")
+    try:
+        return int(raw.decode() if isinstance(raw, bytes) else raw)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        raise SkippedSample("no_label", "no cls" if raw is None else f"cls {raw[:20]!r} is not a class id") from None
 
 
 def caption_of(sample: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ..data.samples import caption_of, image_bytes, open_image
+from ..data.samples import caption_of, image_bytes, label_of, open_image
 from ..data.transforms import Transform, eval_transform, seeded_augmentation, train_transform, view_seed
 from ..models.toklip import TokLIP
 from ..tokenizers.base import index_dtype
@@ -33,23 +33,29 @@ class PrepareImage:
 
 @dataclass(frozen=True)
 class PrepareViews:
-    """A raw sample -> {"image": K augmented views (K, 3, H, W), "text": caption tokens}.
-    View v of a sample is drawn from (seed, key, v) alone: the same crop in every run, rank and worker."""
+    """A raw sample -> {"image": K augmented views (K, 3, H, W)}, with "text" (caption tokens) when
+    there is a `text_tokenizer`, and "label" (the class id of its `cls`) with `labels`. View v of a
+    sample is drawn from (seed, key, v) alone: the same crop in every run, rank and worker."""
 
     transform: Transform
-    text_tokenizer: Any
+    text_tokenizer: Any | None
     views: int
     seed: int
+    labels: bool = False
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         data = image_bytes(sample)
-        caption = caption_of(sample)
+        prepared = {}
+        if self.text_tokenizer is not None:
+            prepared["text"] = self.text_tokenizer([caption_of(sample)])[0]
+        if self.labels:
+            prepared["label"] = torch.tensor(label_of(sample))
         image = open_image(data)
         crops = []
         for view in range(self.views):
             with seeded_augmentation(view_seed(self.seed, sample["__key__"], view)):
                 crops.append(self.transform(image))
-        return {"image": torch.stack(crops), "text": self.text_tokenizer([caption])[0]}
+        return {"image": torch.stack(crops), **prepared}
 
 
 class FeatureEncoder(L.LightningModule):
@@ -84,31 +90,41 @@ class FeatureEncoder(L.LightningModule):
 class CacheEncoder(L.LightningModule):
     """A training cache: per sample, for `views` augmented crops, the VQ indices (views, h, w) and the
     teacher's embedding (views, D) (and, with `teacher_tokens`, its patch tokens (views, N, D)), plus the
-    caption's normalised text embedding (D,). Exactly what `TokLIPModule`
-    computes live (`image_targets`, `text_targets`); embeddings stored in `dtype`."""
+    caption's normalised text embedding (D,) (`text=False`: none, for shards without captions). Exactly
+    what `TokLIPModule` computes live (`image_targets`, `text_targets`); embeddings stored in `dtype`.
+    With `labels`, also each sample's class id (its shard's `cls`: class-conditional generation)."""
 
-    def __init__(self, module: TokLIPModule, *, views: int = 4, teacher_tokens: bool = False, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(
+        self,
+        module: TokLIPModule,
+        *,
+        views: int = 4,
+        teacher_tokens: bool = False,
+        dtype: torch.dtype = torch.float16,
+        text: bool = True,
+        labels: bool = False,
+    ) -> None:
         super().__init__()
         if views < 1:
             raise ValueError(f"views={views}: at least one view a sample")
         if module.teacher is None:
             raise ValueError("a training cache holds the teacher's embeddings: the model needs a teacher (teacher.model)")
         self.module, self.views, self.teacher_tokens, self.dtype_out = module.eval(), views, teacher_tokens, dtype
+        self.text, self.labels = text, labels
         self.index_dtype = index_dtype(module.model.tokenizer.codebook_size)
 
     def prepare(self, crop_scale: Sequence[float], seed: int) -> PrepareViews:
         transform = train_transform(self.module.model.preprocess_cfg, crop_scale)
-        return PrepareViews(transform, self.module.text_tokenizer, self.views, seed)
+        return PrepareViews(transform, self.module.text_tokenizer if self.text else None, self.views, seed, self.labels)
 
     def predict_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if batch["inputs"] is None:
             return {}
-        images, tokens = batch["inputs"]["image"], batch["inputs"]["text"]
-        samples = images.shape[0]
+        inputs = batch["inputs"]
+        images = inputs["image"]
         targets = self.module.image_targets(images.flatten(0, 1), teacher_tokens=self.teacher_tokens)
-        outputs = {name: value.unflatten(0, (samples, self.views)) for name, value in targets.items()}
-        outputs.update(self.module.text_targets(tokens))
-        return {
-            name: value.to(self.index_dtype if name == "indices" else self.dtype_out).cpu()
-            for name, value in outputs.items()
-        }  # fmt: skip
+        outputs = {name: value.unflatten(0, (images.shape[0], self.views)) for name, value in targets.items()}
+        if self.text:
+            outputs.update(self.module.text_targets(inputs["text"]))
+        stored = {name: value.to(self.index_dtype if name == "indices" else self.dtype_out).cpu() for name, value in outputs.items()}
+        return stored | ({"label": inputs["label"].cpu()} if self.labels else {})

@@ -1,6 +1,19 @@
-"""Generation on TokLIP tokens: an autoregressive generator over VQ indices (see `generator`)."""
+"""Generation on TokLIP tokens: an autoregressive generator over VQ indices (`generator`), its training
+module and export (`module`), sampling (`sampling`) and scores (`evaluation`)."""
 
 from .generator import GENERATOR_SPECS, INPUT_MODES, GeneratorSpec, IncrementalStream, TokenGenerator
-from .module import GeneratorModule
+from .module import GeneratorModule, load_generator
+from .sampling import SamplingSettings, prompt_embeddings, sample_images
 
-__all__ = ["GENERATOR_SPECS", "INPUT_MODES", "GeneratorModule", "GeneratorSpec", "IncrementalStream", "TokenGenerator"]
+__all__ = [
+    "GENERATOR_SPECS",
+    "INPUT_MODES",
+    "GeneratorModule",
+    "GeneratorSpec",
+    "IncrementalStream",
+    "SamplingSettings",
+    "TokenGenerator",
+    "load_generator",
+    "prompt_embeddings",
+    "sample_images",
+]

@@ -14,7 +14,9 @@ classifier-free guidance.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +53,23 @@ GENERATOR_SPECS = {
 }
 
 
+def generator_spec(spec: GeneratorSpec | str | Mapping[str, int]) -> GeneratorSpec:
+    """A spec from itself, its name in GENERATOR_SPECS, or its fields."""
+    if isinstance(spec, GeneratorSpec):
+        return spec
+    if isinstance(spec, str):
+        if spec not in GENERATOR_SPECS:
+            raise ValueError(f"generator {spec!r}: choose from {', '.join(GENERATOR_SPECS)}, or give width, depth, heads, mlp_hidden")
+        return GENERATOR_SPECS[spec]
+    return GeneratorSpec(**spec)
+
+
 class TokenGenerator(nn.Module):
     """Next-VQ-index prediction, class- or text-conditional, over `num_tokens` image tokens."""
 
     def __init__(
         self,
-        spec: GeneratorSpec | str,
+        spec: GeneratorSpec | str | Mapping[str, int],
         *,
         codebook_size: int,
         num_tokens: int,
@@ -67,7 +80,7 @@ class TokenGenerator(nn.Module):
         prefix_tokens: int = 1,
     ) -> None:
         super().__init__()
-        spec = GENERATOR_SPECS[spec] if isinstance(spec, str) else spec
+        spec = generator_spec(spec)
         if input_mode not in INPUT_MODES:
             raise ValueError(f"input_mode={input_mode!r}: choose {' or '.join(INPUT_MODES)}")
         if input_mode == "codes+toklip" and not toklip_width:
@@ -76,7 +89,7 @@ class TokenGenerator(nn.Module):
             raise ValueError("give num_classes (class-conditional) or text_width (text-conditional), one of them")
         self.spec, self.codebook_size, self.num_tokens, self.input_mode = spec, codebook_size, num_tokens, input_mode
         self.prefix_tokens = 1 if num_classes is not None else prefix_tokens
-        self.num_classes = num_classes
+        self.num_classes, self.toklip_width, self.text_width = num_classes, toklip_width, text_width
         width = spec.width
         if num_classes is not None:
             self.class_embedding = nn.Embedding(num_classes + 1, width)  # the last one: no condition
@@ -99,6 +112,19 @@ class TokenGenerator(nn.Module):
         self.backbone = LlamaModel(config)
         self.backbone.embed_tokens = None  # never used: every input is an embedding
         self.head = nn.Linear(width, codebook_size, bias=False)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments: `TokenGenerator(**config)` builds this architecture again."""
+        return {
+            "spec": asdict(self.spec), "codebook_size": self.codebook_size, "num_tokens": self.num_tokens,
+            "input_mode": self.input_mode, "toklip_width": self.toklip_width, "num_classes": self.num_classes,
+            "text_width": self.text_width, "prefix_tokens": self.prefix_tokens,
+        }  # fmt: skip
+
+    @property
+    def condition_kind(self) -> str:
+        """`class` or `text`."""
+        return "class" if self.num_classes is not None else "text"
 
     # ---- inputs -----------------------------------------------------------------------------------
 

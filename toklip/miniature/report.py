@@ -122,3 +122,108 @@ def write_report(out: Path, results: dict[str, Any], seconds: dict[str, float], 
     path = out / "report.md"
     path.write_text(text)
     return path
+
+
+# The generation stage's targets (issue #13).
+PROMPT_ACCURACY_TIMES_CHANCE = 5.0
+MAX_RUN_MINUTES = 5.0
+GENERATION_SECTION = "## Generation"
+
+
+def _sample_grid(path: Path, samples: dict[str, torch.Tensor], labels: torch.Tensor, prompts: list[str], rows: int) -> str:
+    """Rows of prompts (spread over the classes), each mode's samples side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = torch.linspace(0, len(prompts) - 1, min(rows, len(prompts))).round().long().tolist()
+    modes = list(samples)
+    per_prompt = int((labels == 0).sum())
+    fig, axes = plt.subplots(
+        len(chosen), per_prompt * len(modes), figsize=(1.0 * per_prompt * len(modes), 1.1 * len(chosen)), squeeze=False
+    )
+    for row, prompt in enumerate(chosen):
+        for m, mode in enumerate(modes):
+            images = samples[mode][labels == prompt]
+            for column in range(per_prompt):
+                ax = axes[row][m * per_prompt + column]
+                ax.imshow(images[column].permute(1, 2, 0).clamp(0, 1).numpy())
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0 and column == 0:
+                    ax.set_title(mode, loc="left", fontsize=9)
+        axes[row][0].set_ylabel(prompts[prompt].removeprefix("a ").replace(" on a ", "\non a "), fontsize=6, rotation=0, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def generation_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(what, measured, target, met) for each target of the generation stage."""
+    chance = 1 / summary["classes"]
+    best = max(summary["by_mode"].items(), key=lambda item: item[1]["prompt_accuracy"]["mean"])
+    accuracy = best[1]["prompt_accuracy"]["mean"]
+    slowest = max(run["seconds"] for run in summary["runs"])
+    return [
+        (
+            f"teacher's accuracy on samples of the prompts (best mode: {best[0]})",
+            f"{accuracy:.1%} ({accuracy / chance:.1f}x chance)",
+            f">= {PROMPT_ACCURACY_TIMES_CHANCE:.0f}x chance",
+            accuracy >= PROMPT_ACCURACY_TIMES_CHANCE * chance,
+        ),
+        ("slowest run (train, sample, score)", f"{slowest / 60:.1f} min", f"<= {MAX_RUN_MINUTES:.0f} min", slowest <= 60 * MAX_RUN_MINUTES),
+    ]
+
+
+def write_generation_report(
+    out: Path, summary: dict[str, Any], samples: dict[str, torch.Tensor], labels: torch.Tensor, prompts: list[str], grid_prompts: int
+) -> Path:
+    """The generation section of `out/report.md` (replacing an earlier one), with its sample grid."""
+
+    def cell(score: dict[str, float], digits: int = 3) -> str:
+        return f"{score['mean']:.{digits}f} ± {score['std']:.{digits}f}"
+
+    targets = ["| target | measured | wanted | met |", "|---|---|---|---|"]
+    targets += [
+        f"| {what} | {measured} | {wanted} | {'yes' if met else 'NO'} |" for what, measured, wanted, met in generation_rows(summary)
+    ]
+    columns = {
+        "fd": 3, "clip_score": 2, "prompt_accuracy": 3, "colour_accuracy": 3, "size_accuracy": 3, "background_accuracy": 3, "nll": 3,
+    }  # fmt: skip
+    table = [
+        "| input | FD (teacher embedding) ↓ | CLIP-score ↑ | prompt accuracy ↑ | colour | size | background "
+        "| held-out NLL ↓ | seconds a run |",
+        "|---" * 9 + "|",
+    ]
+    for mode, scores in summary["by_mode"].items():
+        cells = " | ".join(cell(scores[name], digits) for name, digits in columns.items())
+        table.append(f"| {mode} | {cells} | {scores['seconds']['mean']:.0f} |")
+    if summary["difference"]:
+        cells = " | ".join(cell(summary["difference"][name], digits) for name, digits in columns.items())
+        table.append(f"| codes+toklip − codes (paired by seed) | {cells} | |")
+    real = summary["real_images"]
+    table.append(
+        "| real images of the prompts | "
+        + " | ".join(f"{real[name]:.{digits}f}" for name, digits in columns.items() if name != "nll")
+        + " | | |"
+    )
+    seeds = sorted({run["seed"] for run in summary["runs"]})
+    grid = _sample_grid(out / "generation_samples.png", samples, labels, prompts, grid_prompts)
+    section = "\n".join([
+        GENERATION_SECTION, "",
+        f"Text-conditional generators over the VQ indices, trained on the scenes' captions, sampled for the "
+        f"{summary['classes']} held-out class prompts (\"{prompts[0]}\", ...; chance {1 / summary['classes']:.1%}); "
+        f"mean ± standard deviation over seeds {', '.join(map(str, seeds))}. Judged by the stage-1 teacher: FD in its image "
+        f"embedding against the zero-shot set's real images, CLIP-score with its text tower, its zero-shot accuracy, "
+        f"and how often its prediction has the prompt's colour, size and background; and the held-out NLL: the mean "
+        f"negative log-likelihood (nats a token) of the real images' tokens under teacher forcing. "
+        f"All {summary['seconds']['total']:.0f} s.", "",
+        *targets, "", *table, "",
+        f"![samples]({grid})", "",
+    ])  # fmt: skip
+    path = out / "report.md"
+    before = path.read_text().split(GENERATION_SECTION)[0].rstrip() if path.is_file() else "# toklip CPU miniature"
+    path.write_text(f"{before}\n\n{section}")
+    return path

@@ -18,8 +18,8 @@ from ..checkpoints import (
     find_state_dict,
     load_state_dict_strict,
     read_checkpoint,
+    read_sidecar,
     save_with_sidecar,
-    sidecar_path,
     strip_prefix,
 )
 from ..tokenizers import CodebookLookup, build_tokenizer
@@ -112,12 +112,7 @@ def tokenizer_keys_to_ours(model: TokLIP, state_dict: StateDict) -> tuple[StateD
 
 
 def _architecture_from_sidecar(weights: Path) -> Preset:
-    sidecar = sidecar_path(weights)
-    if not sidecar.is_file():
-        raise ValueError(f"no preset given for {weights} and no {sidecar.name} beside it describing its architecture")
-    description = json.loads(sidecar.read_text())
-    if "architecture" not in description:
-        raise ValueError(f"{sidecar} records no architecture (an export of an older toklip?): pass preset=...")
+    description = read_sidecar(weights, "architecture", "not a toklip export, or an older one: pass preset=...")
     return Preset(**json.loads(description["architecture"]))
 
 

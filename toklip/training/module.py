@@ -27,6 +27,7 @@ from ..tokenizers import register_configured_tokenizer
 from ..tokenizers.base import codebook_fingerprint
 from .callbacks import ExportableModule
 from .optim import AdamWCosine
+from .strategies import gathered_state_dict, shard_with_fsdp2
 from .validation import EvalSetsValidation
 
 log = logging.getLogger(__name__)
@@ -305,17 +306,13 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         its gradient is averaged by hand (`on_before_optimizer_step`). The frozen parts (the VQ, the
         text tower, the teacher) stay replicated too: they have no gradients and run outside the student.
         """
-        mesh = self.device_mesh
-        if mesh is None:
+        if self.device_mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import register_fsdp_forward_method
 
-        data_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
-        for block in self.model.visual.trunk.blocks:
-            fully_shard(block, mesh=data_mesh)
         frozen = [self.model.tokenizer, *([self.model.text] if self.model.text is not None else [])]
         ignored = {*self._scalar_parameters(), *(p for part in frozen for p in part.parameters())}
-        fully_shard(self.model, mesh=data_mesh, ignored_params=ignored)
+        shard_with_fsdp2(self.model, list(self.model.visual.trunk.blocks), self.device_mesh, ignored)
         register_fsdp_forward_method(self.model, "encode_indices")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -361,11 +358,7 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
 
     def full_model_state_dict(self) -> StateDict:
         """The whole TokLIP model's weights, gathered to full tensors when sharded."""
-        if self.device_mesh is None:
-            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return gathered_state_dict(self.model, sharded=self.device_mesh is not None)
 
     def export_contents(self) -> tuple[StateDict, dict[str, str]]:
         """The self-contained model (VQ and text tower included), for `load_toklip`: a run from a cache

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from ..checkpoints import StateDict
 from ..models.token_encoder import CausalBlock
+
+WRAP_UNITS = {CausalBlock, LlamaDecoderLayer}
 
 
 def ddp() -> DDPStrategy:
@@ -13,13 +18,13 @@ def ddp() -> DDPStrategy:
 
 
 def fsdp(activation_checkpointing: bool = False, sharding_strategy: str = "FULL_SHARD") -> FSDPStrategy:
-    """FSDP (GPUs) with the token encoder's causal block as the wrap unit.
+    """FSDP (GPUs) with the token encoder's causal block and the generator's Llama layer as wrap units.
 
     `use_orig_params`: frozen (VQ, text tower, teacher) and trainable parameters share wrap units.
     """
     return FSDPStrategy(
-        auto_wrap_policy={CausalBlock},
-        activation_checkpointing_policy={CausalBlock} if activation_checkpointing else None,
+        auto_wrap_policy=WRAP_UNITS,
+        activation_checkpointing_policy=WRAP_UNITS if activation_checkpointing else None,
         sharding_strategy=sharding_strategy,
         use_orig_params=True,
     )
@@ -32,3 +37,23 @@ def fsdp2(data_parallel_size: str | int = "auto") -> ModelParallelStrategy:
     whole, with a checksum; `resume=latest` reads it), not a directory of shards that a kill can leave half
     written: a TokLIP model is small enough to gather."""
     return ModelParallelStrategy(data_parallel_size=data_parallel_size, tensor_parallel_size=1, save_distributed_checkpoint=False)
+
+
+def shard_with_fsdp2(root: nn.Module, blocks: list[nn.Module], mesh, ignored_params: set[nn.Parameter] = frozenset()) -> None:
+    """FSDP2 over the data-parallel dimension of `mesh`: each block, then `root` (its other weights,
+    less `ignored_params`, which stay replicated)."""
+    from torch.distributed.fsdp import fully_shard
+
+    data_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+    for block in blocks:
+        fully_shard(block, mesh=data_mesh)
+    fully_shard(root, mesh=data_mesh, ignored_params=set(ignored_params))
+
+
+def gathered_state_dict(module: nn.Module, sharded: bool) -> StateDict:
+    """A module's weights as full CPU tensors; when `sharded` (FSDP2), gathered from every rank (collective)."""
+    if not sharded:
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,192 @@
+"""The miniature's generation stage (`toklip-demo-generation`): text-conditional generators over the
+stage-2 VQ indices, one per input mode (`codes`, `codes+toklip`) and seed, each a plain toklip-train
+run on a training cache of the scenes; then samples for held-out prompts, judged by the stage-1 teacher.
+
+The prompts are the zero-shot classes ("a large blue shape on a black background"): no training
+caption reads so (captions always say where a shape is). Each prompt gets `samples_per_prompt`
+samples; the real images of the same prompts are the zero-shot set's.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import ConfigError, compose_config
+from ..data.eval_sets import ZeroShotSet
+from ..data.synthetic import BACKGROUNDS, COLOURS, SIZES
+from ..data.transforms import eval_transform, preprocess_config
+from ..generation import SamplingSettings, load_generator, prompt_embeddings, sample_images
+from ..generation.evaluation import SampleScorer, teacher_forced_nll
+from ..models.factory import load_toklip
+from ..models.teacher import load_open_clip, open_clip_config, read_open_clip_state_dict
+from ..models.text import get_text_tokenizer_for
+from ..tasks import cache, train
+from .pipeline import ARTIFACTS, stage_config
+from .report import write_generation_report
+
+GENERATION_DIR = "generation"
+METRICS = ("fd", "clip_score", "prompt_accuracy", "colour_accuracy", "size_accuracy", "background_accuracy", "nll")
+
+
+def find_demo_dir(demo_dir: str, log_dir: str | Path) -> Path:
+    """`demo_dir`: a toklip-demo output, or `latest`: the newest finished one under `<log_dir>/demo`."""
+    if demo_dir != "latest":
+        path = Path(demo_dir)
+        if not (path / "results.json").is_file():
+            raise ConfigError(f"demo_dir={demo_dir}: no finished toklip-demo output there (no results.json)")
+        return path
+    finished = sorted((p.parent for p in Path(log_dir, "demo").glob("*/results.json")), key=lambda p: p.stat().st_mtime)
+    if not finished:
+        raise ConfigError(f"demo_dir=latest: no finished toklip-demo output under {Path(log_dir, 'demo')}; run toklip-demo first")
+    return finished[-1]
+
+
+def make_cache(demo: Path, cfg: DictConfig) -> Path:
+    """The scenes' training cache, for the generators: whole images (one view, no crop), their VQ
+    indices and their captions' embeddings, by the demo's own stage-2 tokenizer and text tower."""
+    out = demo / GENERATION_DIR / "cache"
+    stage = demo / "toklip" / "config.yaml"
+    overrides = [
+        f"experiment={cfg.stages.toklip}", f"paths.output_dir={out.parent}", f"output={out}", f"seed={cfg.seed}",
+        f"paths.data_dir={cfg.paths.data_dir}", f"teacher.checkpoint={demo / 'teacher' / ARTIFACTS['teacher']}",
+        f"tokenizer.checkpoint={demo / 'vq' / ARTIFACTS['vq']}", "views=1", "+data.crop_scale=[1.0,1.0]", "dtype=float32",
+        "batch_size=256", "num_workers=0", *cfg.stage_overrides,
+    ]  # fmt: skip
+    if not stage.is_file():
+        raise ConfigError(f"{demo} has no toklip/config.yaml: is it a toklip-demo output?")
+    print(f"\n=== generation: the training cache of the scenes -> {out} ===", flush=True)
+    cache(compose_config("cache", overrides))
+    return out
+
+
+def held_out_prompts(demo: Path) -> tuple[ZeroShotSet, list[str]]:
+    """The zero-shot set (images in [0, 1]) and one prompt a class, in its own template."""
+    stage = OmegaConf.load(demo / "toklip" / "config.yaml")
+    plain = eval_transform(preprocess_config(stage.resolution, mean=(0, 0, 0), std=(1, 1, 1)))
+    dataset = ZeroShotSet(stage.eval.sets.zeroshot.root, plain)
+    return dataset, [prompts[0] for prompts in dataset.prompts()]
+
+
+class Judge:
+    """The stage-1 teacher, judging samples of the held-out prompts: FD in its image embedding against
+    the zero-shot set's real images, CLIP-score with its text tower, its zero-shot accuracy."""
+
+    def __init__(self, demo: Path, dataset: ZeroShotSet, prompts: list[str]) -> None:
+        stage = OmegaConf.load(demo / "toklip" / "config.yaml")
+        teacher = load_open_clip(stage.teacher.model, read_open_clip_state_dict(demo / "teacher" / ARTIFACTS["teacher"]))
+        preprocess = preprocess_config(stage.resolution)  # the miniature's teacher reads the VQ's [-1, 1] input
+        tokenizer = get_text_tokenizer_for(open_clip_config(stage.teacher.model)["text_cfg"])
+        self.scorer = SampleScorer(teacher, tokenizer, stage.resolution, preprocess.mean, preprocess.std)
+        self.dataset, self.prompts = dataset, prompts
+        self.real = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        self.real_labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+
+    def scores(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """FD, CLIP-score, prompt accuracy, and the accuracy on each attribute a prompt names (the
+        teacher's prediction has the prompt's colour, size, background: where a miss lies)."""
+        predicted = self.scorer.zeroshot_predictions(images, self.dataset.classnames, self.dataset.templates)
+        names = self.dataset.classnames
+        by_attribute = {
+            f"{attribute}_accuracy": statistics.fmean(attribute_of(names[p], vocabulary) == attribute_of(names[t], vocabulary)
+                                                      for p, t in zip(predicted.tolist(), labels.tolist()))
+            for attribute, vocabulary in PROMPT_ATTRIBUTES.items()
+        }  # fmt: skip
+        return {
+            "fd": self.scorer.frechet_distance(self.real, images),
+            "clip_score": float(self.scorer.clip_scores(images, [self.prompts[i] for i in labels]).mean()),
+            "prompt_accuracy": float(predicted.eq(labels).float().mean()),
+            **by_attribute,
+        }
+
+
+PROMPT_ATTRIBUTES = {"colour": COLOURS, "size": SIZES, "background": BACKGROUNDS}  # what the held-out prompts name
+
+
+def attribute_of(classname: str, vocabulary: Iterable[str]) -> str | None:
+    """The word of a class name ("large blue shape on a black background") that is a value of an attribute."""
+    return next((word for word in classname.split() if word in vocabulary), None)
+
+
+def run_generation(cfg: DictConfig) -> dict[str, Any]:
+    """Both input modes x `cfg.generation.seeds`, scored and written into the demo's report.md."""
+    options = cfg.generation
+    demo = find_demo_dir(options.demo_dir, cfg.paths.log_dir)
+    out = demo / GENERATION_DIR
+    start = time.perf_counter()
+    cache_dir = make_cache(demo, cfg)
+    seconds = {"cache": time.perf_counter() - start}
+    dataset, prompts = held_out_prompts(demo)
+    judge = Judge(demo, dataset, prompts)
+    toklip = load_toklip(demo / "toklip" / ARTIFACTS["toklip"])
+    labels = torch.arange(len(prompts)).repeat_interleave(options.samples_per_prompt)
+    prompt_features = prompt_embeddings(toklip, prompts)
+    conditions = prompt_features[labels]
+    preprocess = toklip.preprocess_cfg
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (preprocess.mean, preprocess.std))
+    real_indices = toklip.tokenizer.encode((judge.real - mean) / std).indices  # the held-out images' tokens
+    settings = SamplingSettings(**OmegaConf.to_container(options.sampling))
+    runs, samples = [], {}
+    for seed in options.seeds:
+        for mode in options.modes:
+            run_dir = out / mode.replace("+", "_") / f"seed{seed}"
+            overrides = [
+                f"model.toklip={demo / 'toklip' / ARTIFACTS['toklip']}", f"data.train_urls={cache_dir}/*.tar",
+                f"model.input_mode={mode}", f"seed={seed}", "resume=latest", *options.overrides,
+            ]  # fmt: skip
+            stage_cfg = stage_config(options.experiment, run_dir, overrides)
+            record_run_config(run_dir, stage_cfg)
+            print(f"\n=== generation: toklip-train experiment={options.experiment} {' '.join(overrides)} ===", flush=True)
+            began = time.perf_counter()
+            metrics = train(stage_cfg)
+            trained = time.perf_counter() - began
+            generator, _ = load_generator(run_dir / "generator.safetensors")
+            indices, images = sample_images(generator, toklip, conditions, settings, seed=seed)
+            scores = judge.scores(images, labels)
+            scores["nll"] = teacher_forced_nll(generator, toklip, real_indices, prompt_features[judge.real_labels])
+            runs.append({"mode": mode, "seed": seed, **scores, "train_loss": metrics.get("train/loss"),
+                         "train_seconds": trained, "seconds": time.perf_counter() - began})  # fmt: skip
+            samples.setdefault(mode, images)  # the first seed's, for the grids
+            print(f"{mode} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
+    seconds["total"] = time.perf_counter() - start
+    summary = summarise(runs, len(prompts)) | {"runs": runs, "seconds": seconds, "prompts": prompts}
+    reference = judge.scores(judge.real, judge.real_labels)  # the real images of the prompts: the ceiling
+    summary["real_images"] = reference | {"fd": 0.0, "nll": float("nan")}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report = write_generation_report(demo, summary, samples, labels, prompts, options.grid_prompts)
+    print(report.read_text().split("## Generation", 1)[1].split("![")[0])
+    return summary
+
+
+def record_run_config(run_dir: Path, stage_cfg: DictConfig) -> None:
+    """Write the run's config.yaml. A run resumes from its directory (a finished one is only sampled
+    and scored again), so a directory left by other settings is refused rather than resumed."""
+    path = run_dir / "config.yaml"
+    if path.is_file() and OmegaConf.to_yaml(OmegaConf.load(path)) != OmegaConf.to_yaml(stage_cfg):
+        raise ConfigError(f"{run_dir} holds a run with other settings; move it away (or choose another generation.demo_dir) to run these")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(stage_cfg, path)
+
+
+def summarise(runs: list[dict[str, Any]], classes: int) -> dict[str, Any]:
+    """Per mode, the mean and spread of each score over seeds; per score, the paired difference
+    codes+toklip - codes (same seed), its mean and spread."""
+
+    def spread(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+    modes = sorted({run["mode"] for run in runs})
+    by_mode = {mode: {m: spread([r[m] for r in runs if r["mode"] == mode]) for m in (*METRICS, "seconds")} for mode in modes}
+    paired = {}
+    if {"codes", "codes+toklip"} <= set(modes):
+        per_seed = {(r["mode"], r["seed"]): r for r in runs}
+        seeds = sorted({r["seed"] for r in runs})
+        paired = {m: spread([per_seed["codes+toklip", s][m] - per_seed["codes", s][m] for s in seeds]) for m in METRICS}
+    return {"classes": classes, "by_mode": by_mode, "difference": paired}
