@@ -176,7 +176,7 @@ def test_class_conditional_generation_from_a_labelled_cache_to_scored_images(fro
     assert cache(cache_cfg)["encoded"] == 32
     export = instantiate(cache_cfg.model, _convert_="all").export(tmp_path / "toklip.safetensors")  # the same VQ as the cache's
     run = [
-        "model=generator", "data=cache", "eval=none", "teacher=none", f"data.train_urls={tmp_path / 'cache'}/*.tar",
+        "model=generator", "data=cache", "eval=none", f"data.train_urls={tmp_path / 'cache'}/*.tar",
         "data.num_workers=0", "data.batch_size_per_device=8", "trainer.max_steps=3", f"model.toklip={export}",
         "model.input_mode=codes+toklip", "callbacks.export.filename=generator.safetensors",
     ]  # fmt: skip
