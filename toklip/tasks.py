@@ -250,7 +250,7 @@ def cache(cfg: DictConfig) -> dict[str, int]:
     module_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     module: TokLIPModule = instantiate({**module_cfg, "inputs": "images"}, _convert_="all")
     encoder = CacheEncoder(
-        module, views=cfg.views, teacher_tokens=cfg.teacher_tokens, dtype=_dtype(cfg, "dtype"), text=cfg.captions, labels=cfg.labels
+        module, views=cfg.views, teacher_tokens=cfg.teacher_tokens, dtype=_dtype(cfg, "dtype"), captions=cfg.captions, labels=cfg.labels
     )
     crop_scale = list(cfg.data.get("crop_scale") or TRAIN_CROP_SCALE)  # the training stream's augmentation
     settings = {
@@ -302,17 +302,21 @@ def generate(cfg: DictConfig) -> dict[str, float]:
     _, images = sample_images(generator.to(device), toklip.to(device), repeated, settings, seed=cfg.seed, batch_size=cfg.batch_size)
     out = Path(cfg.out)
     save_samples(out, images.cpu(), names, per_condition)
-    scores = _score_samples(cfg, toklip.cpu(), images.cpu(), [name for name in names for _ in range(per_condition)], repeated.cpu())
+    scores = _score_samples(cfg, toklip, images, [name for name in names for _ in range(per_condition)], repeated.cpu(), device)
     (out / "scores.json").write_text(json.dumps({"checkpoint": cfg.checkpoint, "scores": scores}, indent=2) + "\n")
     return scores
 
 
-def _score_samples(cfg: DictConfig, toklip: TokLIP, images: torch.Tensor, names: list[str], conditions: torch.Tensor) -> dict[str, float]:
+def _score_samples(
+    cfg: DictConfig, toklip: TokLIP, images: torch.Tensor, names: list[str], conditions: torch.Tensor, device: str
+) -> dict[str, float]:
+    """The scores of the samples, on the device that drew them."""
     preprocess = toklip.preprocess_cfg
     tokenizer = get_text_tokenizer_for(toklip.text_spec, cfg.text.tokenizer_path)
     scorer = SampleScorer(
-        toklip, tokenizer, toklip.image_size, preprocess.mean, preprocess.std, inception_weights=cfg.score.inception_weights
-    )
+        toklip, tokenizer, toklip.image_size, preprocess.mean, preprocess.std, inception_weights=cfg.score.inception_weights,
+        device=device,
+    )  # fmt: skip
     scores = {}
     if cfg.prompts:
         scores["clip_score"] = float(scorer.clip_scores(images, names).mean())

@@ -37,11 +37,11 @@ class CachedSample:
     "label") of one view, as int64 / float32 tensors; a record that does not read is skipped as `bad_record`."""
 
     teacher_tokens: bool = False
-    text: bool = True
+    captions: bool = True
     labels: bool = False
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
-        optional = {"teacher_tokens": self.teacher_tokens, "text_features": self.text, "label": self.labels}
+        optional = {"teacher_tokens": self.teacher_tokens, "text_features": self.captions, "label": self.labels}
         names = ("indices", "teacher_features", *(name for name, wanted in optional.items() if wanted))
         missing = [f"{name}.npy" for name in names if f"{name}.npy" not in sample]
         if missing:
@@ -116,19 +116,19 @@ class CacheDataModule(TokLIPDataModule):
         return bool(self.manifest["settings"].get("labels"))
 
     @property
-    def has_text(self) -> bool:
+    def has_captions(self) -> bool:
         """Whether the cache holds each sample's caption embedding (made with captions=true, the default)."""
         return self.manifest["settings"].get("captions", True)
 
     def sample_decoder(self) -> CachedSample:
-        return CachedSample(self.read_teacher_tokens, self.has_text, self.has_labels)
+        return CachedSample(self.read_teacher_tokens, self.has_captions, self.has_labels)
 
     def check_model(self, architecture: Mapping[str, Any], codebook_sha256: str) -> None:
         """The model must be the one whose frozen networks made the cache: the same parts and codebook."""
         settings = self.manifest["settings"]
         if dict(architecture) != settings["architecture"]:
             raise ConfigError(f"the cache was made for the model {settings['architecture']}, not {dict(architecture)}")
-        if not self.has_text:
+        if not self.has_captions:
             raise ConfigError("the cache holds no caption embeddings (made with captions=false): TokLIP cannot train from it")
         self.check_codebook(codebook_sha256, settings["resolution"])
 

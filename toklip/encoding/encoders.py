@@ -90,7 +90,7 @@ class FeatureEncoder(L.LightningModule):
 class CacheEncoder(L.LightningModule):
     """A training cache: per sample, for `views` augmented crops, the VQ indices (views, h, w) and the
     teacher's embedding (views, D) (and, with `teacher_tokens`, its patch tokens (views, N, D)), plus the
-    caption's normalised text embedding (D,) (`text=False`: none, for shards without captions). Exactly
+    caption's normalised text embedding (D,) (`captions=False`: none, for shards without captions). Exactly
     what `TokLIPModule` computes live (`image_targets`, `text_targets`); embeddings stored in `dtype`.
     With `labels`, also each sample's class id (its shard's `cls`: class-conditional generation)."""
 
@@ -101,7 +101,7 @@ class CacheEncoder(L.LightningModule):
         views: int = 4,
         teacher_tokens: bool = False,
         dtype: torch.dtype = torch.float16,
-        text: bool = True,
+        captions: bool = True,
         labels: bool = False,
     ) -> None:
         super().__init__()
@@ -110,12 +110,12 @@ class CacheEncoder(L.LightningModule):
         if module.teacher is None:
             raise ValueError("a training cache holds the teacher's embeddings: the model needs a teacher (teacher.model)")
         self.module, self.views, self.teacher_tokens, self.dtype_out = module.eval(), views, teacher_tokens, dtype
-        self.text, self.labels = text, labels
+        self.captions, self.labels = captions, labels
         self.index_dtype = index_dtype(module.model.tokenizer.codebook_size)
 
     def prepare(self, crop_scale: Sequence[float], seed: int) -> PrepareViews:
         transform = train_transform(self.module.model.preprocess_cfg, crop_scale)
-        return PrepareViews(transform, self.module.text_tokenizer if self.text else None, self.views, seed, self.labels)
+        return PrepareViews(transform, self.module.text_tokenizer if self.captions else None, self.views, seed, self.labels)
 
     def predict_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if batch["inputs"] is None:
@@ -124,7 +124,7 @@ class CacheEncoder(L.LightningModule):
         images = inputs["image"]
         targets = self.module.image_targets(images.flatten(0, 1), teacher_tokens=self.teacher_tokens)
         outputs = {name: value.unflatten(0, (images.shape[0], self.views)) for name, value in targets.items()}
-        if self.text:
+        if self.captions:
             outputs.update(self.module.text_targets(inputs["text"]))
         stored = {name: value.to(self.index_dtype if name == "indices" else self.dtype_out).cpu() for name, value in outputs.items()}
         return stored | ({"label": inputs["label"].cpu()} if self.labels else {})

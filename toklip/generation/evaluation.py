@@ -76,25 +76,27 @@ class SampleScorer:
         std: Sequence[float],
         *,
         inception_weights: str | os.PathLike | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.model, self.text_tokenizer, self.inception_weights = model.eval(), text_tokenizer, inception_weights
-        self.embedding = ImageEmbedding(model, image_size, mean, std)
+        """`device`: where the model is, and where every score is computed (images move there in batches)."""
+        self.model, self.text_tokenizer, self.inception_weights, self.device = model.eval(), text_tokenizer, inception_weights, device
+        self.embedding = ImageEmbedding(model, image_size, mean, std).to(device)
 
     @torch.no_grad()
     def frechet_distance(self, real: torch.Tensor | Iterable[torch.Tensor], generated: torch.Tensor, batch_size: int = 256) -> float:
         """FD between real images (a tensor, or batches of them) and generated ones."""
-        metric = frechet_distance_metric(None if self.inception_weights else self.embedding, self.inception_weights)
+        metric = frechet_distance_metric(None if self.inception_weights else self.embedding, self.inception_weights).to(self.device)
         for batch in real.split(batch_size) if isinstance(real, torch.Tensor) else real:
-            metric.update(batch, real=True)
+            metric.update(batch.to(self.device), real=True)
         for batch in generated.split(batch_size):
-            metric.update(batch, real=False)
+            metric.update(batch.to(self.device), real=False)
         return float(metric.compute())
 
     @torch.no_grad()
     def clip_scores(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """CLIP-score of each image with its prompt."""
-        texts = self.model.encode_text(self.text_tokenizer(list(prompts)), normalize=True)
-        return clip_score(self.embedding(images), texts)
+        texts = self.model.encode_text(self.text_tokenizer(list(prompts)).to(self.device), normalize=True)
+        return clip_score(self.embedding(images.to(self.device)), texts)
 
     @torch.no_grad()
     def zeroshot_predictions(
@@ -102,9 +104,9 @@ class SampleScorer:
     ) -> torch.Tensor:
         """The class (N,) the zero-shot classifier (classnames x templates) gives each image."""
         classifier = build_zero_shot_classifier(
-            self.model, self.text_tokenizer, classnames, templates, num_classes_per_batch=10, device="cpu"
+            self.model, self.text_tokenizer, classnames, templates, num_classes_per_batch=10, device=self.device
         )
-        return (F.normalize(self.embedding(images), dim=-1) @ classifier).argmax(-1)
+        return (F.normalize(self.embedding(images.to(self.device)), dim=-1) @ classifier).argmax(-1).cpu()
 
     def zeroshot_accuracy(
         self, images: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str], templates: Sequence[Callable[[str], str]]

@@ -78,7 +78,7 @@ class GeneratorModule(ExportableModule, L.LightningModule):
         datamodule.check_codebook(codebook_fingerprint(self.toklip.tokenizer.codebook()), self.toklip.image_size)
         if self.generator.condition_kind == "class" and not datamodule.has_labels:
             raise ConfigError("model.condition=class needs class labels: make the cache with labels=true (from the shards' cls)")
-        if self.generator.condition_kind == "text" and not datamodule.has_text:
+        if self.generator.condition_kind == "text" and not datamodule.has_captions:
             raise ConfigError("model.condition=text needs caption embeddings: this cache was made with captions=false")
 
     def toklip_features(self, indices: torch.Tensor) -> torch.Tensor | None:

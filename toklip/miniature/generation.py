@@ -49,27 +49,31 @@ def find_demo_dir(demo_dir: str, log_dir: str | Path) -> Path:
     return finished[-1]
 
 
+def stage_config_of(demo: Path) -> DictConfig:
+    """The demo's stage-3 (TokLIP) configuration: its resolution, teacher and held-out sets."""
+    path = demo / "toklip" / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{demo} has no toklip/config.yaml: is it a toklip-demo output?")
+    return OmegaConf.load(path)
+
+
 def make_cache(demo: Path, cfg: DictConfig) -> Path:
     """The scenes' training cache, for the generators: whole images (one view, no crop), their VQ
     indices and their captions' embeddings, by the demo's own stage-2 tokenizer and text tower."""
     out = demo / GENERATION_DIR / "cache"
-    stage = demo / "toklip" / "config.yaml"
     overrides = [
         f"experiment={cfg.stages.toklip}", f"paths.output_dir={out.parent}", f"output={out}", f"seed={cfg.seed}",
         f"paths.data_dir={cfg.paths.data_dir}", f"teacher.checkpoint={demo / 'teacher' / ARTIFACTS['teacher']}",
         f"tokenizer.checkpoint={demo / 'vq' / ARTIFACTS['vq']}", "views=1", "+data.crop_scale=[1.0,1.0]", "dtype=float32",
         "batch_size=256", "num_workers=0", *cfg.stage_overrides,
     ]  # fmt: skip
-    if not stage.is_file():
-        raise ConfigError(f"{demo} has no toklip/config.yaml: is it a toklip-demo output?")
     print(f"\n=== generation: the training cache of the scenes -> {out} ===", flush=True)
     cache(compose_config("cache", overrides))
     return out
 
 
-def held_out_prompts(demo: Path) -> tuple[ZeroShotSet, list[str]]:
+def held_out_prompts(stage: DictConfig) -> tuple[ZeroShotSet, list[str]]:
     """The zero-shot set (images in [0, 1]) and one prompt a class, in its own template."""
-    stage = OmegaConf.load(demo / "toklip" / "config.yaml")
     plain = eval_transform(preprocess_config(stage.resolution, mean=(0, 0, 0), std=(1, 1, 1)))
     dataset = ZeroShotSet(stage.eval.sets.zeroshot.root, plain)
     return dataset, [prompts[0] for prompts in dataset.prompts()]
@@ -79,15 +83,14 @@ class Judge:
     """The stage-1 teacher, judging samples of the held-out prompts: FD in its image embedding against
     the zero-shot set's real images, CLIP-score with its text tower, its zero-shot accuracy."""
 
-    def __init__(self, demo: Path, dataset: ZeroShotSet, prompts: list[str]) -> None:
-        stage = OmegaConf.load(demo / "toklip" / "config.yaml")
+    def __init__(self, demo: Path, stage: DictConfig, dataset: ZeroShotSet, prompts: list[str]) -> None:
         teacher = load_open_clip(stage.teacher.model, read_open_clip_state_dict(demo / "teacher" / ARTIFACTS["teacher"]))
         preprocess = preprocess_config(stage.resolution)  # the miniature's teacher reads the VQ's [-1, 1] input
         tokenizer = get_text_tokenizer_for(open_clip_config(stage.teacher.model)["text_cfg"])
         self.scorer = SampleScorer(teacher, tokenizer, stage.resolution, preprocess.mean, preprocess.std)
         self.dataset, self.prompts = dataset, prompts
-        self.real = torch.stack([dataset[i][0] for i in range(len(dataset))])
-        self.real_labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+        images, labels = zip(*(dataset[i] for i in range(len(dataset))))  # each image read once
+        self.real, self.real_labels = torch.stack(images), torch.tensor(labels)
 
     def scores(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """FD, CLIP-score, prompt accuracy, and the accuracy on each attribute a prompt names (the
@@ -120,11 +123,12 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     options = cfg.generation
     demo = find_demo_dir(options.demo_dir, cfg.paths.log_dir)
     out = demo / GENERATION_DIR
+    stage = stage_config_of(demo)
     start = time.perf_counter()
     cache_dir = make_cache(demo, cfg)
     seconds = {"cache": time.perf_counter() - start}
-    dataset, prompts = held_out_prompts(demo)
-    judge = Judge(demo, dataset, prompts)
+    dataset, prompts = held_out_prompts(stage)
+    judge = Judge(demo, stage, dataset, prompts)
     toklip = load_toklip(demo / "toklip" / ARTIFACTS["toklip"])
     labels = torch.arange(len(prompts)).repeat_interleave(options.samples_per_prompt)
     prompt_features = prompt_embeddings(toklip, prompts)
@@ -148,7 +152,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
             metrics = train(stage_cfg)
             trained = time.perf_counter() - began
             generator, _ = load_generator(run_dir / "generator.safetensors")
-            indices, images = sample_images(generator, toklip, conditions, settings, seed=seed)
+            _, images = sample_images(generator, toklip, conditions, settings, seed=seed)
             scores = judge.scores(images, labels)
             scores["nll"] = teacher_forced_nll(generator, toklip, real_indices, prompt_features[judge.real_labels])
             runs.append({"mode": mode, "seed": seed, **scores, "train_loss": metrics.get("train/loss"),
