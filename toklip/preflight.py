@@ -153,8 +153,11 @@ def check_input_alignment(cfg: DictConfig) -> None:
 
 
 def check_shards(cfg: DictConfig) -> None:
-    """The training shards exist, and (without resampling) every loader stream gets one of its own."""
+    """The training shards exist, and (without resampling) every loader stream gets one of its own.
+    (Data that is not a stream of shards, a conversation file, has none to check.)"""
     data = cfg.data
+    if "train_urls" not in data:
+        return
     try:
         sources = resolve_sources(data.train_urls)
     except (FileNotFoundError, ValueError) as err:

@@ -31,11 +31,13 @@ from .checkpoints import (
     replace_file,
     verify_checksum,
 )
+from .comprehension import answer_questions, caption_scores, load_comprehension, question_accuracy, read_questions
+from .comprehension.evaluation import image_loader
 from .config import ConfigError, check_required
-from .data.eval_sets import build_eval_sets
+from .data.eval_sets import RetrievalSet, build_eval_sets
 from .data.synthetic import SyntheticConfig, SyntheticPaths
 from .data.synthetic import make_synthetic as write_synthetic
-from .data.transforms import TRAIN_CROP_SCALE, eval_transform
+from .data.transforms import TRAIN_CROP_SCALE, eval_transform, preprocess_config
 from .data.workers import shut_down_worker_pools
 from .encoding import CacheEncoder, FeatureEncoder, input_parts, run_encode_job
 from .evaluation import evaluate as evaluate_model
@@ -327,6 +329,44 @@ def _score_samples(
             raise ConfigError("score.classnames scores samples of class ids: give classes=[...]")
         classnames = [line.strip() for line in Path(cfg.score.classnames).read_text().splitlines() if line.strip()]
         scores["zeroshot_accuracy"] = scorer.zeroshot_accuracy(images, conditions, classnames, OPENAI_IMAGENET_TEMPLATES)
+    return scores
+
+
+# ---- ask -------------------------------------------------------------------------------------------
+
+
+def ask(cfg: DictConfig) -> dict[str, Any]:
+    """A comprehension export answers: `image` + `question` -> {"answer"}; `questions` (a question file)
+    -> accuracy overall and per type (answers.jsonl, scores.json in `out`); `captions` (COCO-style)
+    -> CIDEr of its captions (captions.jsonl, scores.json)."""
+    given = [name for name in ("question", "questions", "captions") if cfg.get(name) is not None]
+    if len(given) != 1:
+        raise ConfigError("give one of question= (with image=), questions= or captions= (with image_folder=)")
+    if given == ["question"] and cfg.image is None:
+        raise ConfigError("question= is about an image: give image=<path>")
+    if given != ["question"] and cfg.image_folder is None:
+        raise ConfigError(f"{given[0]}= names images relative to a folder: give image_folder=<path>")
+    model = load_comprehension(cfg.checkpoint, resolve_device(cfg.device))
+    size, device = model.vision.image_size, next(model.projector.parameters()).device
+    if given == ["question"]:
+        image = image_loader(Path(cfg.image).parent, size)(Path(cfg.image).name)
+        return {"answer": model.answer(image[None].to(device), [cfg.question], max_new_tokens=cfg.max_new_tokens)[0]}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if given == ["questions"]:
+        questions = read_questions(cfg.questions)
+        answers = answer_questions(
+            model, questions, image_loader(cfg.image_folder, size), batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
+        )
+        lines = [json.dumps({**asdict(q), "prediction": a}) for q, a in zip(questions, answers)]
+        (out / "answers.jsonl").write_text("\n".join(lines) + "\n")
+        scores = question_accuracy(questions, answers)
+    else:
+        captions = RetrievalSet(cfg.captions, cfg.image_folder, eval_transform(preprocess_config(size)))
+        scores, generated = caption_scores(model, captions, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+        lines = [json.dumps({"filename": path.name, "caption": text}) for path, text in zip(captions.image_paths, generated)]
+        (out / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    (out / "scores.json").write_text(json.dumps({"checkpoint": cfg.checkpoint, "scores": scores}, indent=2) + "\n")
     return scores
 
 

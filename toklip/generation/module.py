@@ -36,6 +36,8 @@ class GeneratorModule(ExportableModule, L.LightningModule):
     `inputs` is the cache (set by data=cache): the generator reads precomputed indices only.
     """
 
+    export_filename = "generator.safetensors"
+
     def __init__(
         self,
         toklip: str | os.PathLike,

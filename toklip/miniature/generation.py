@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError, compose_config
+from ..config import compose_config
 from ..data.eval_sets import ZeroShotSet
 from ..data.synthetic import BACKGROUNDS, COLOURS, SIZES
 from ..data.transforms import eval_transform, preprocess_config
@@ -29,32 +29,11 @@ from ..models.factory import load_toklip
 from ..models.teacher import load_open_clip, open_clip_config, read_open_clip_state_dict
 from ..models.text import get_text_tokenizer_for
 from ..tasks import cache, train
-from .pipeline import ARTIFACTS, stage_config
+from .pipeline import ARTIFACTS, find_demo_dir, record_run_config, spread, stage_config, stage_config_of
 from .report import write_generation_report
 
 GENERATION_DIR = "generation"
 METRICS = ("fd", "clip_score", "prompt_accuracy", "colour_accuracy", "size_accuracy", "background_accuracy", "nll")
-
-
-def find_demo_dir(demo_dir: str, log_dir: str | Path) -> Path:
-    """`demo_dir`: a toklip-demo output, or `latest`: the newest finished one under `<log_dir>/demo`."""
-    if demo_dir != "latest":
-        path = Path(demo_dir)
-        if not (path / "results.json").is_file():
-            raise ConfigError(f"demo_dir={demo_dir}: no finished toklip-demo output there (no results.json)")
-        return path
-    finished = sorted((p.parent for p in Path(log_dir, "demo").glob("*/results.json")), key=lambda p: p.stat().st_mtime)
-    if not finished:
-        raise ConfigError(f"demo_dir=latest: no finished toklip-demo output under {Path(log_dir, 'demo')}; run toklip-demo first")
-    return finished[-1]
-
-
-def stage_config_of(demo: Path) -> DictConfig:
-    """The demo's stage-3 (TokLIP) configuration: its resolution, teacher and held-out sets."""
-    path = demo / "toklip" / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{demo} has no toklip/config.yaml: is it a toklip-demo output?")
-    return OmegaConf.load(path)
 
 
 def make_cache(demo: Path, cfg: DictConfig) -> Path:
@@ -169,22 +148,9 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def record_run_config(run_dir: Path, stage_cfg: DictConfig) -> None:
-    """Write the run's config.yaml. A run resumes from its directory (a finished one is only sampled
-    and scored again), so a directory left by other settings is refused rather than resumed."""
-    path = run_dir / "config.yaml"
-    if path.is_file() and OmegaConf.to_yaml(OmegaConf.load(path)) != OmegaConf.to_yaml(stage_cfg):
-        raise ConfigError(f"{run_dir} holds a run with other settings; move it away (or choose another generation.demo_dir) to run these")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(stage_cfg, path)
-
-
 def summarise(runs: list[dict[str, Any]], classes: int) -> dict[str, Any]:
     """Per mode, the mean and spread of each score over seeds; per score, the paired difference
     codes+toklip - codes (same seed), its mean and spread."""
-
-    def spread(values: list[float]) -> dict[str, float]:
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
     modes = sorted({run["mode"] for run in runs})
     by_mode = {mode: {m: spread([r[m] for r in runs if r["mode"] == mode]) for m in (*METRICS, "seconds")} for mode in modes}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import compose_config
+from ..config import ConfigError, compose_config
 from ..data.eval_sets import EvalSet, build_eval_sets
 from ..data.transforms import eval_transform, preprocess_config
 from ..evaluation import evaluate
@@ -32,6 +33,42 @@ ARTIFACTS = {"teacher": "teacher.safetensors", "vq": "tokenizer.safetensors", "t
 def stage_config(experiment: str, output_dir: Path, overrides: Sequence[str]) -> DictConfig:
     """The toklip-train configuration of one stage, written to its own directory."""
     return compose_config("train", [f"experiment={experiment}", f"paths.output_dir={output_dir}", *overrides])
+
+
+def find_demo_dir(demo_dir: str, log_dir: str | Path) -> Path:
+    """`demo_dir`: a toklip-demo output, or `latest`: the newest finished one under `<log_dir>/demo`."""
+    if demo_dir != "latest":
+        path = Path(demo_dir)
+        if not (path / "results.json").is_file():
+            raise ConfigError(f"demo_dir={demo_dir}: no finished toklip-demo output there (no results.json)")
+        return path
+    finished = sorted((p.parent for p in Path(log_dir, "demo").glob("*/results.json")), key=lambda p: p.stat().st_mtime)
+    if not finished:
+        raise ConfigError(f"demo_dir=latest: no finished toklip-demo output under {Path(log_dir, 'demo')}; run toklip-demo first")
+    return finished[-1]
+
+
+def stage_config_of(demo: Path) -> DictConfig:
+    """The demo's stage-3 (TokLIP) configuration: its resolution, teacher and held-out sets."""
+    path = demo / "toklip" / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{demo} has no toklip/config.yaml: is it a toklip-demo output?")
+    return OmegaConf.load(path)
+
+
+def record_run_config(run_dir: Path, stage_cfg: DictConfig) -> None:
+    """Write the run's config.yaml. A run resumes from its directory (a finished one is only sampled
+    and scored again), so a directory left by other settings is refused rather than resumed."""
+    path = run_dir / "config.yaml"
+    if path.is_file() and OmegaConf.to_yaml(OmegaConf.load(path)) != OmegaConf.to_yaml(stage_cfg):
+        raise ConfigError(f"{run_dir} holds a run with other settings; move it away (or choose another generation.demo_dir) to run these")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(stage_cfg, path)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation and count of a score over seeds."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
 def run_stages(cfg: DictConfig, out: Path) -> tuple[dict[str, dict[str, float]], dict[str, float], DictConfig]:

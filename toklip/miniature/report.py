@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..data.scene_questions import QUESTION_TYPES
+
 # The miniature's targets (issue #7): multiples of chance and of the teacher, decibels.
 TEACHER_TIMES_CHANCE = 10.0
 TOKLIP_TIMES_CHANCE = 5.0
@@ -223,7 +225,138 @@ def write_generation_report(
         *targets, "", *table, "",
         f"![samples]({grid})", "",
     ])  # fmt: skip
-    path = out / "report.md"
-    before = path.read_text().split(GENERATION_SECTION)[0].rstrip() if path.is_file() else "# toklip CPU miniature"
-    path.write_text(f"{before}\n\n{section}")
+    return replace_section(out / "report.md", GENERATION_SECTION, section)
+
+
+def replace_section(path: Path, heading: str, section: str) -> Path:
+    """Put `section` (which starts with its `## ` heading) into report.md, in place of an earlier one."""
+    text = path.read_text() if path.is_file() else "# toklip CPU miniature\n"
+    parts = text.split("\n## ")
+    kept = [parts[0].rstrip(), *(f"## {part}".rstrip() for part in parts[1:] if not f"## {part}".startswith(heading))]
+    path.write_text("\n\n".join([*kept, section.rstrip()]) + "\n")
     return path
+
+
+COMPREHENSION_SECTION = "## Comprehension"
+ATTRIBUTES_THE_TEACHER_KNOWS = ("colour", "size", "background")  # its zero-shot classes
+MIN_GAIN_OVER_CODES = 0.15  # issue #14's targets: accuracy, at equal data
+MAX_GAP_TO_TEACHER = 0.10
+MAX_SECONDS = {"all three inputs": 600.0, "one input": 300.0}
+
+
+def comprehension_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(target, measured, wanted, met) at all of the training questions."""
+    rows = []
+    full = str(max(summary["fractions"]))
+    for kind in ATTRIBUTES_THE_TEACHER_KNOWS:
+        score = f"accuracy/{kind}"
+        gain = summary["differences"].get("toklip-codes", {}).get(full, {}).get(score)
+        if gain is not None:
+            rows.append(
+                (
+                    f"{kind}: toklip − codes",
+                    f"{gain['mean']:+.3f} ± {gain['std']:.3f}",
+                    f">= +{MIN_GAIN_OVER_CODES:.2f}",
+                    gain["mean"] >= MIN_GAIN_OVER_CODES,
+                )
+            )
+        gap = summary["differences"].get("toklip-teacher", {}).get(full, {}).get(score)
+        if gap is not None:
+            rows.append(
+                (
+                    f"{kind}: toklip − teacher",
+                    f"{gap['mean']:+.3f} ± {gap['std']:.3f}",
+                    f">= −{MAX_GAP_TO_TEACHER:.2f}",
+                    gap["mean"] >= -MAX_GAP_TO_TEACHER,
+                )
+            )
+    per_input = {}
+    for run in summary["runs"]:
+        per_input[run["input"]] = per_input.get(run["input"], 0.0) + run["train_seconds"] + run["align_seconds"] / len(summary["fractions"])
+    total = summary["seconds"]["total"]
+    rows.append(
+        ("seconds, all three inputs", f"{total:.0f}", f"<= {MAX_SECONDS['all three inputs']:.0f}", total <= MAX_SECONDS["all three inputs"])
+    )
+    slowest = max(per_input.values())
+    rows.append(
+        ("seconds, one input (its runs)", f"{slowest:.0f}", f"<= {MAX_SECONDS['one input']:.0f}", slowest <= MAX_SECONDS["one input"])
+    )
+    return rows
+
+
+def _efficiency_plot(path: Path, summary: dict[str, Any], types: list[str]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = summary["fractions"]
+    scores = ["accuracy", *(f"accuracy/{t}" for t in types)]
+    fig, axes = plt.subplots(2, (len(scores) + 1) // 2, figsize=(3.2 * ((len(scores) + 1) // 2), 6), squeeze=False)
+    for ax, score in zip(axes.flat, scores):
+        for kind, by_fraction in summary["by_input"].items():
+            means = [by_fraction[str(f)][score]["mean"] for f in fractions]
+            stds = [by_fraction[str(f)][score]["std"] for f in fractions]
+            ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=kind)
+        kind = score.split("/")[-1]
+        if kind in summary["chance"]:
+            ax.axhline(summary["chance"][kind], color="gray", linestyle="--", linewidth=1)
+        ax.set(
+            xscale="log", ylim=(0, 1.02), title="all questions" if score == "accuracy" else kind, xlabel="share of the training questions"
+        )
+        ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    for ax in list(axes.flat)[len(scores) :]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def write_comprehension_report(out: Path, summary: dict[str, Any]) -> Path:
+    """The comprehension section of `out/report.md` (replacing an earlier one), with its data-efficiency plot."""
+    types = [t for t in QUESTION_TYPES if t in summary["chance"]]
+    targets = ["| target (all of the training questions) | measured | wanted | met |", "|---|---|---|---|"]
+    targets += [
+        f"| {what} | {measured} | {wanted} | {'yes' if met else 'NO'} |" for what, measured, wanted, met in comprehension_rows(summary)
+    ]
+
+    def cell(score: dict[str, float] | None) -> str:
+        return "" if score is None else f"{score['mean']:.3f} ± {score['std']:.3f}"
+
+    header = "| input | share | all | " + " | ".join(types) + " |"
+    rule = "|---" * (len(types) + 3) + "|"
+    table = [header, rule]
+    for fraction in summary["fractions"]:
+        for kind, by_fraction in summary["by_input"].items():
+            scores = by_fraction[str(fraction)]
+            table.append(
+                f"| {kind} | {fraction:g} | {cell(scores.get('accuracy'))} | "
+                + " | ".join(cell(scores.get(f"accuracy/{t}")) for t in types)
+                + " |"
+            )
+    table.append("| always the commonest answer | | | " + " | ".join(f"{summary['chance'][t]:.3f}" for t in types) + " |")
+    differences = [header.replace("| input |", "| paired difference |"), rule]
+    for name, by_fraction in summary["differences"].items():
+        for fraction in summary["fractions"]:
+            scores = by_fraction[str(fraction)]
+            differences.append(
+                f"| {name.replace('-', ' − ')} | {fraction:g} | {cell(scores.get('accuracy'))} | "
+                + " | ".join(cell(scores.get(f"accuracy/{t}")) for t in types)
+                + " |"
+            )
+    plot = _efficiency_plot(out / "comprehension_efficiency.png", summary, types)
+    runs = summary["runs"]
+    section = "\n".join([
+        COMPREHENSION_SECTION, "",
+        f"A tiny LLaVA-style model (the same text-pretrained tiny LM, a 2-layer MLP projector) reading the held-out scenes "
+        f"through each visual input: `toklip` (the stage-3 model's per-token features), `codes` (a learned embedding of the "
+        f"stage-2 VQ indices) and `teacher` (the stage-1 teacher's patch features). Each input: LLaVA's stage 1 (projector "
+        f"only, captions), then stage 2 on a share of the training questions, the same steps for every share; accuracy "
+        f"(exact match of the generated answer) on {summary['questions']} held-out questions, mean ± standard deviation over "
+        f"seeds {', '.join(map(str, summary['seeds']))}. {len(runs)} runs, all {summary['seconds']['total']:.0f} s.", "",
+        *targets, "", *table, "", *differences, "",
+        f"![data efficiency]({plot})", "",
+    ])  # fmt: skip
+    return replace_section(out / "report.md", COMPREHENSION_SECTION, section)

@@ -18,6 +18,8 @@ class ExportableModule:
     describes them) as safetensors with a JSON sidecar. Collective when the weights are sharded: call
     it on every rank; only rank 0 writes."""
 
+    export_filename = "toklip.safetensors"  # what ExportModel names the export unless told otherwise
+
     def export_contents(self) -> tuple[StateDict, dict[str, str]]:
         raise NotImplementedError
 
@@ -30,14 +32,14 @@ class ExportableModule:
 
 class ExportModel(L.Callback):
     """At the end of training, `pl_module.export(<dirpath>/<filename>)`: the self-contained weights
-    (a TokLIP model, a teacher, a VQ tokenizer). Called on every rank: gathering sharded weights is
-    collective; only rank 0 writes."""
+    (a TokLIP model, a teacher, a VQ tokenizer, ...); without a filename, the module's `export_filename`.
+    Called on every rank: gathering sharded weights is collective; only rank 0 writes."""
 
-    def __init__(self, dirpath: str | os.PathLike, filename: str = "toklip.safetensors") -> None:
-        self.path = Path(dirpath) / filename
+    def __init__(self, dirpath: str | os.PathLike, filename: str | None = None) -> None:
+        self.dirpath, self.filename = Path(dirpath), filename
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.export(self.path)
+        pl_module.export(self.dirpath / (self.filename or pl_module.export_filename))
 
 
 class RunPreempted(RuntimeError):

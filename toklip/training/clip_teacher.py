@@ -26,6 +26,8 @@ from .validation import EvalSetsValidation
 class CLIPTrainingModule(EvalSetsValidation, ExportableModule, L.LightningModule):
     """An open_clip model (`model`: a name open_clip or toklip knows) trained with the softmax CLIP loss."""
 
+    export_filename = "teacher.safetensors"
+
     def __init__(
         self,
         model: str = "tiny_teacher_64",

@@ -35,6 +35,8 @@ _TEACHER_PREFIX = "perceptual_teacher."
 
 
 class VQTrainingModule(ExportableModule, L.LightningModule):
+    export_filename = "tokenizer.safetensors"
+
     def __init__(
         self,
         tokenizer: str | Mapping[str, Any] = "llamagen_tiny",

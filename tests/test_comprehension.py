@@ -1,0 +1,301 @@
+"""The LLaVA-style comprehension model: image tokens spliced at the placeholder, the loss on answers only,
+a tiny model that overfits a few questions, readers that name a malformed record, and the two training
+stages from caption shards and a conversation file to toklip-ask's scores."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import toklip
+from toklip.comprehension import (
+    Conversation,
+    MalformedRecord,
+    PromptFormat,
+    Turn,
+    VisualLanguageModel,
+    build_visual_input,
+    load_language_model,
+    make_tiny_language_model,
+    read_conversations,
+    read_questions,
+    splice_image_tokens,
+)
+from toklip.comprehension.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from toklip.comprehension.data import ConversationEncoder, collate_conversations
+from toklip.data.scene_questions import QuestionSetConfig, write_question_set
+
+WORDS = ["what colour is it ? how many shapes are there red green blue yellow one two describe the image briefly ."]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return make_tiny_language_model(tmp_path_factory.mktemp("lm") / "lm", WORDS, width=64, depth=2, heads=4)
+
+
+@pytest.fixture(scope="module")
+def toklip_export(tmp_path_factory):
+    from toklip.models.factory import export_toklip
+    from toklip.models.presets import preset
+
+    torch.manual_seed(0)
+    model = toklip.build_toklip("tiny_64")
+    return export_toklip(model.state_dict(), preset("tiny_64"), tmp_path_factory.mktemp("toklip") / "toklip.safetensors")
+
+
+def test_the_projector_splices_exactly_n_image_tokens_at_the_placeholder():
+    hidden, n = 4, 3
+    ids = torch.tensor([[5, IMAGE_PLACEHOLDER, 6, 7, 0], [8, 9, IMAGE_PLACEHOLDER, 0, 0]])  # right-padded with 0
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 6, 7, IGNORE_INDEX], [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
+    text = ids.clamp(min=0).float()[..., None].expand(-1, -1, hidden)  # each position holds its id
+    image = -torch.arange(1, 2 * n + 1, dtype=torch.float).view(2, n, 1).expand(-1, -1, hidden)
+    for side in ("right", "left"):
+        embeddings, spliced_mask, spliced_labels = splice_image_tokens(text, ids, mask, image, labels, padding_side=side)
+        assert embeddings.shape == (2, 4 - 1 + n, hidden)  # the longer row: 4 tokens, the placeholder now n
+        assert spliced_mask.sum(1).tolist() == [4 - 1 + n, 3 - 1 + n]
+        rows = [embeddings[b][spliced_mask[b].bool()][:, 0].tolist() for b in range(2)]
+        assert rows == [[5, -1, -2, -3, 6, 7], [8, 9, -4, -5, -6]]
+        kept = [spliced_labels[b][spliced_mask[b].bool()].tolist() for b in range(2)]
+        assert kept == [[IGNORE_INDEX] * 4 + [6, 7], [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+        padding = spliced_mask[1] == 0
+        assert (spliced_labels[1][padding] == IGNORE_INDEX).all() and padding[0 if side == "left" else -1]
+    with pytest.raises(ValueError, match="sample 0 has 2 image placeholders"):
+        splice_image_tokens(text, ids.masked_fill(ids == 5, IMAGE_PLACEHOLDER), mask, image)
+
+
+def test_labels_cover_only_the_answers_and_the_loss_is_theirs(tiny_lm):
+    model, tokenizer = load_language_model(tiny_lm)
+    conversation = Conversation("x.jpg", (Turn("<image>\nwhat colour is it?", "red"), Turn("how many shapes are there?", "two")))
+    ids, labels = PromptFormat().encode(tokenizer, conversation)
+    assert ids.count(IMAGE_PLACEHOLDER) == 1 and ids[0] == tokenizer.bos_token_id
+    learnt = [tokenizer.convert_ids_to_tokens(i) for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert learnt == ["red", "</s>", "two", "</s>"]
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels))
+    # The model's loss is the mean next-token cross-entropy over exactly those positions.
+    vision = FixedFeatures(num_tokens=2, width=8)
+    mllm = VisualLanguageModel(vision, model, tokenizer).eval()
+    batch = collate_conversations([{"image": torch.zeros(3, 8, 8), **ConversationEncoder(tokenizer)(conversation)}], tokenizer.pad_token_id)
+    loss = mllm(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+    embeddings, mask, spliced = mllm.embed(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logits = model(inputs_embeds=embeddings, attention_mask=mask).logits[0]
+    targets = spliced[0, 1:]
+    picked = targets != IGNORE_INDEX
+    assert picked.sum() == 4
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[:-1][picked], targets[picked]))
+
+
+class FixedFeatures(toklip.comprehension.vision.VisualInput):
+    """A stand-in visual input: the image's mean colour, repeated (no files needed)."""
+
+    kind = "fixed"
+
+    def __init__(self, num_tokens: int, width: int) -> None:
+        super().__init__(image_size=8)
+        self.num_tokens, self.width = num_tokens, width
+
+    def encode_frozen(self, images: torch.Tensor) -> torch.Tensor:
+        colour = images.mean((2, 3))
+        return colour.repeat(1, self.width // 3 + 1)[:, None, : self.width].expand(-1, self.num_tokens, -1)
+
+
+def solid(colour: tuple[int, int, int], size: int = 64) -> torch.Tensor:
+    return torch.tensor(colour, dtype=torch.float).view(3, 1, 1).expand(3, size, size) / 127.5 - 1
+
+
+def test_a_tiny_mllm_on_vq_codes_overfits_a_handful_of_questions(tiny_lm, frozen_parts):
+    torch.manual_seed(0)
+    language_model, tokenizer = load_language_model(tiny_lm)
+    codes = build_visual_input({"kind": "codes", "tokenizer": "llamagen_tiny", "checkpoint": frozen_parts[1], "width": 32}, 64)
+    model = VisualLanguageModel(codes, language_model, tokenizer)
+    facts = {
+        "red": ((220, 40, 40), "one"),
+        "green": ((40, 170, 60), "two"),
+        "blue": ((40, 70, 220), "one"),
+        "yellow": ((240, 220, 40), "two"),
+    }
+    conversations = [
+        Conversation(name, (Turn(f"<image>\n{question}", answer),))
+        for name, (_, count) in facts.items()
+        for question, answer in (("what colour is it?", name), ("how many shapes are there?", count))
+    ]
+    images = torch.stack([solid(rgb) for rgb, _ in facts.values()])
+    samples = [{"image": images[i // 2], **ConversationEncoder(tokenizer)(c)} for i, c in enumerate(conversations)]
+    batch = collate_conversations(samples, tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for _ in range(120):
+        loss = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05 * first
+    model.eval()
+    assert model.answer(images, ["what colour is it?"] * 4, max_new_tokens=4) == list(facts)
+    assert model.answer(images, ["how many shapes are there?"] * 4, max_new_tokens=4) == [count for _, count in facts.values()]
+
+
+def test_a_feature_memo_encodes_each_image_once_and_changes_nothing(toklip_export):
+    plain = build_visual_input({"kind": "toklip", "checkpoint": toklip_export}, 64)
+    memo = build_visual_input({"kind": "toklip", "checkpoint": toklip_export, "memo": 8}, 64)
+    calls = []
+    encode = memo.encode_frozen
+    memo.encode_frozen = lambda images: calls.append(len(images)) or encode(images)
+    images = torch.rand(4, 3, 64, 64) * 2 - 1
+    torch.testing.assert_close(memo(images), plain(images))
+    torch.testing.assert_close(memo(images[[2, 0]]), plain(images[[2, 0]]))
+    assert calls == [4]  # the second call found both images
+    memo(torch.rand(6, 3, 64, 64))
+    assert len(memo.memo.entries) == 8  # the least recently used went
+
+
+def test_the_conversation_and_question_readers_name_a_malformed_record(tmp_path):
+    good = {"id": "a", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "x"}]}
+    cases = {
+        'no "image" path': {**good, "id": "b", "image": ""},
+        "turn 1 must be": {**good, "id": "b", "conversations": [good["conversations"][0], {"from": "human", "value": "x"}]},
+        "must hold <image> once": {**good, "id": "b", "conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "x"}]},
+        "human, gpt turn pairs": {**good, "id": "b", "conversations": []},
+    }
+    for problem, bad in cases.items():
+        path = tmp_path / "conversations.json"
+        path.write_text(json.dumps([good, bad]))
+        with pytest.raises(MalformedRecord, match=rf"{path}: record 1 \(id 'b'\): .*{problem}"):
+            read_conversations(path)
+    path = tmp_path / "questions.jsonl"
+    lines = [
+        {"image": "a.jpg", "question": "q?", "answer": "x"},
+        {"question_id": 7, "image": "b.jpg", "question": "q?", "answer": "x", "choices": ["y", "z"]},
+    ]
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    with pytest.raises(MalformedRecord, match=rf"{path}: line 2 \(id 7\): the answer 'x' is not one of the choices"):
+        read_questions(path)
+    path.write_text(json.dumps(lines[0]) + "\n{not json\n")
+    with pytest.raises(MalformedRecord, match=rf"{path}: line 2: "):
+        read_questions(path)
+    path.write_text(json.dumps({"image": "a.jpg", "question": "q?"}) + "\n")
+    with pytest.raises(MalformedRecord, match='line 1: no "answer"'):
+        read_questions(path)
+
+
+def test_scene_questions_ask_what_the_scene_shows(tmp_path):
+    root = write_question_set(tmp_path / "set", QuestionSetConfig(train_images=6, test_images=4, image_size=32))
+    conversations = read_conversations(root / "train.json")
+    questions = read_questions(root / "test.jsonl")
+    assert len(conversations) == 6 and all(5 <= len(c.turns) <= 6 for c in conversations)
+    assert {q.type for q in questions} <= {"colour", "size", "shape", "background", "count", "position"}
+    assert all(Image.open(root / "images" / q.image).size == (32, 32) for q in questions)
+    background = [q.answer for q in questions if q.type == "background"]
+    assert len(background) == 4 and set(background) <= {"black", "gray", "white"}
+    again = write_question_set(tmp_path / "set", QuestionSetConfig(train_images=6, test_images=4, image_size=32))
+    assert (again / "test.jsonl").read_text() == (root / "test.jsonl").read_text()
+
+
+def compose(run_dir, overrides):
+    from omegaconf import open_dict
+
+    cfg = toklip.compose_config("train", ["experiment=tiny", "trainer.enable_progress_bar=false", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def test_align_on_caption_shards_then_instruct_on_conversations_then_ask(tmp_path, tiny_lm, toklip_export, synthetic_set):
+    from omegaconf import open_dict
+
+    from toklip.comprehension import load_comprehension
+    from toklip.config import ConfigError
+    from toklip.tasks import ask, train
+
+    questions = write_question_set(tmp_path / "set", QuestionSetConfig(train_images=16, test_images=4, image_size=64))
+    common = [
+        "model=comprehension", "eval=none", f"llm.path={tiny_lm}", f"vision_input.checkpoint={toklip_export}", "vision_input.memo=64",
+        "data.num_workers=0", "data.batch_size_per_device=4", "trainer.max_steps=3", "optim.warmup_steps=1",
+    ]  # fmt: skip
+    align = [
+        *common,
+        "data=caption_shards",
+        f"data.train_urls='{synthetic_set.train_urls}'",
+        "data.train_num_samples=256",
+        "model.stage=align",
+    ]
+    metrics = train(compose(tmp_path / "align", align))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and metrics["data/skipped_corrupt_image"] == 0
+    aligned = tmp_path / "align" / "comprehension.safetensors"
+    description = json.loads(json.loads((tmp_path / "align" / "comprehension.json").read_text())["comprehension"])
+    assert description["stage"] == "align" and description["vision_input"]["kind"] == "toklip"
+    from safetensors.torch import load_file
+
+    assert {k.split(".")[0] for k in load_file(aligned)} == {"projector"}  # the LM was frozen: not saved
+
+    instruct = [*common, "data=conversations", f"data.conversations={questions / 'train.json'}", f"data.image_folder={questions / 'images'}",
+                f"model.init={aligned}"]  # fmt: skip
+    train(compose(tmp_path / "instruct", instruct))
+    exported = tmp_path / "instruct" / "comprehension.safetensors"
+    saved = load_file(exported)
+    assert {k.split(".")[0] for k in saved} == {"projector", "language_model"}
+    model = load_comprehension(exported)
+    assert all(saved[k].equal(v) for k, v in model.state_dict().items() if k in saved)
+    # The instruct stage started from the aligned projector.
+    start = load_file(aligned)
+    assert not all(saved[k].equal(v) for k, v in start.items())
+
+    codes = [o for o in instruct if not o.startswith("vision_input.checkpoint=")]
+    codes += ["vision_input=codes", "vision_input.width=16", f"tokenizer.checkpoint={vq_checkpoint(tmp_path)}"]
+    with pytest.raises(Exception, match="trained with vision_input=toklip, this run reads codes") as raised:
+        train(compose(tmp_path / "wrong", codes))
+    assert isinstance(raised.value.__cause__, ConfigError)  # what the tools report in one line
+
+    ask_cfg = toklip.compose_config(
+        "ask", [f"checkpoint={exported}", f"questions={questions / 'test.jsonl'}", f"image_folder={questions / 'images'}"]
+    )
+    with open_dict(ask_cfg):
+        ask_cfg.out = str(tmp_path / "answers")
+    scores = ask(ask_cfg)
+    assert scores["questions"] == sum(1 for _ in (questions / "test.jsonl").open()) and 0 <= scores["accuracy"] <= 1
+    assert {"accuracy/colour", "accuracy/background"} <= set(scores)
+    answers = [json.loads(line) for line in (tmp_path / "answers" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == scores["questions"] and all("prediction" in a for a in answers)
+    with open_dict(ask_cfg):
+        ask_cfg.questions, ask_cfg.captions, ask_cfg.image_folder = (
+            None,
+            str(synthetic_set.retrieval_captions),
+            str(synthetic_set.retrieval_images),
+        )
+    scores = ask(ask_cfg)
+    assert scores["captions"] == 20 and scores["cider"] >= 0
+    with open_dict(ask_cfg):
+        ask_cfg.captions, ask_cfg.image, ask_cfg.question = (
+            None,
+            str(questions / "images" / "test_000000.jpg"),
+            "what colour is the background?",
+        )
+    assert isinstance(ask(ask_cfg)["answer"], str)
+
+
+def vq_checkpoint(tmp_path):
+    from toklip.checkpoints import save_safetensors
+
+    return save_safetensors(toklip.build_tokenizer("llamagen_tiny").state_dict(), tmp_path / "vq.safetensors")
+
+
+def test_lora_trains_adapters_only_and_its_export_answers_as_the_module_did(tmp_path, tiny_lm, toklip_export):
+    from toklip.comprehension import ComprehensionModule, load_comprehension
+
+    module = ComprehensionModule(
+        {"path": str(tiny_lm), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        {"kind": "toklip", "checkpoint": str(toklip_export)},
+        image_size=64,
+    )
+    trained = [name for name, p in module.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in name or name.startswith("projector.") for name in trained)
+    for name, parameter in module.model.named_parameters():  # as if trained: adapters that change the answers
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    module.export(tmp_path / "comprehension.safetensors")
+    loaded = load_comprehension(tmp_path / "comprehension.safetensors")
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    question = ["what colour is it?"] * 2
+    assert loaded.answer(images, question, max_new_tokens=3) == module.model.eval().answer(images, question, max_new_tokens=3)

@@ -1,0 +1,197 @@
+"""Conversations about images: LLaVA's JSON records, GQA-style question files, and their token ids.
+
+LLaVA's format, a JSON list of records:
+    {"id": "...", "image": "relative/path.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat colour is ...?"}, {"from": "gpt", "value": "red"}, ...]}
+Turns alternate human, gpt, human, gpt ...; the first human turn holds the one `<image>` placeholder.
+
+A question file, JSON lines (GQA-style): {"image": "...", "question": "...", "answer": "..."}, and
+optionally "question_id", "type" (accuracy is reported per type) and "choices" (multiple choice).
+
+The prompt is LLaVA-1.5's (Vicuna v1) layout, for any tokenizer: `USER: <image>\\n{question} ASSISTANT: {answer}</s>`
+a turn, with the tokenizer's own BOS and EOS. The placeholder is not a token of the vocabulary: it is
+`IMAGE_PLACEHOLDER` in the ids, which the model replaces by the image's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IMAGE_TAG = "<image>"
+IMAGE_PLACEHOLDER = -200  # the image's place in the ids: never an id of a vocabulary
+IGNORE_INDEX = -100  # a label the loss skips (prompt, image and padding positions)
+ROLES = ("human", "gpt")
+
+
+class MalformedRecord(ValueError):
+    """A record of a conversation or question file that cannot be read; the message names it."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One image and the question-answer turns about it (the first question holds `<image>`)."""
+
+    image: str
+    turns: tuple[Turn, ...]
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class Question:
+    image: str
+    question: str
+    answer: str
+    question_id: str = ""
+    type: str = ""
+    choices: tuple[str, ...] = ()
+
+
+def _record_name(path: str | os.PathLike, where: str, record: Any) -> str:
+    named = record.get("id", record.get("question_id")) if isinstance(record, dict) else None
+    return f"{path}: {where}" + (f" (id {named!r})" if named is not None else "")
+
+
+def _conversation(record: Any) -> Conversation:
+    """One LLaVA record, checked; a problem is a ValueError saying what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    image, turns = record.get("image"), record.get("conversations")
+    if not isinstance(image, str) or not image:
+        raise ValueError('no "image" path')
+    if not isinstance(turns, list) or not turns or len(turns) % 2:
+        raise ValueError('"conversations" must be a non-empty list of human, gpt turn pairs')
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") != ROLES[i % 2] or not isinstance(turn.get("value"), str):
+            raise ValueError(f'turn {i} must be {{"from": "{ROLES[i % 2]}", "value": "..."}}, got {turn!r}')
+    questions = [turn["value"] for turn in turns[::2]]
+    if questions[0].count(IMAGE_TAG) != 1 or any(IMAGE_TAG in q for q in questions[1:]):
+        raise ValueError(f"the first human turn must hold {IMAGE_TAG} once, and no other turn")
+    pairs = tuple(Turn(q, a["value"]) for q, a in zip(questions, turns[1::2]))
+    return Conversation(image=image, turns=pairs, id=str(record.get("id", "")))
+
+
+def read_conversations(path: str | os.PathLike) -> list[Conversation]:
+    """A LLaVA conversation file (a JSON list); the first malformed record is an error naming it."""
+    try:
+        records = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise MalformedRecord(f"{path}: not JSON ({err})") from None
+    if not isinstance(records, list):
+        raise MalformedRecord(f"{path}: expected a JSON list of conversation records, got {type(records).__name__}")
+    conversations = []
+    for index, record in enumerate(records):
+        try:
+            conversations.append(_conversation(record))
+        except ValueError as err:
+            raise MalformedRecord(f"{_record_name(path, f'record {index}', record)}: {err}") from None
+    return conversations
+
+
+def _question(record: Any) -> Question:
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    for key in ("image", "question", "answer"):
+        if not isinstance(record.get(key), str) or not record[key]:
+            raise ValueError(f'no "{key}" (a non-empty string)')
+    choices = record.get("choices", [])
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise ValueError('"choices" must be a list of strings')
+    if choices and record["answer"] not in choices:
+        raise ValueError(f"the answer {record['answer']!r} is not one of the choices {choices}")
+    return Question(
+        record["image"],
+        record["question"],
+        record["answer"],
+        str(record.get("question_id", "")),
+        str(record.get("type", "")),
+        tuple(choices),
+    )
+
+
+def read_questions(path: str | os.PathLike) -> list[Question]:
+    """A question file (JSON lines); the first malformed line is an error naming it."""
+    questions = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            questions.append(_question(json.loads(line)))
+        except (ValueError, json.JSONDecodeError) as err:
+            raise MalformedRecord(f"{_record_name(path, f'line {number}', _loads_or_none(line))}: {err}") from None
+    return questions
+
+
+def _loads_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def caption_conversation(image: str, caption: str, instruction: str) -> Conversation:
+    """A caption as one turn: the alignment stage's data (LLaVA's pretraining records are the same)."""
+    return Conversation(image=image, turns=(Turn(f"{IMAGE_TAG}\n{instruction}", caption),))
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """The Vicuna v1 layout of LLaVA-1.5, over any Hugging Face tokenizer."""
+
+    user: str = "USER: "
+    assistant: str = " ASSISTANT: "
+    between_turns: str = " "
+
+    def encode(self, tokenizer: Any, conversation: Conversation) -> tuple[list[int], list[int]]:
+        """Ids and labels of a whole conversation: labels are the ids on the answers (and the EOS that
+        ends each), IGNORE_INDEX elsewhere; the image is one IMAGE_PLACEHOLDER id."""
+        ids, labels = [], []
+
+        def add(text: str, learn: bool) -> None:
+            pieces = text.split(IMAGE_TAG)
+            for i, piece in enumerate(pieces):
+                if i:
+                    ids.append(IMAGE_PLACEHOLDER)
+                    labels.append(IGNORE_INDEX)
+                piece_ids = tokenizer.encode(piece, add_special_tokens=False) if piece else []
+                ids.extend(piece_ids)
+                labels.extend(piece_ids if learn else [IGNORE_INDEX] * len(piece_ids))
+
+        if tokenizer.bos_token_id is not None:
+            ids.append(tokenizer.bos_token_id)
+            labels.append(IGNORE_INDEX)
+        for i, turn in enumerate(conversation.turns):
+            add((self.between_turns if i else "") + self.user + turn.question + self.assistant, learn=False)
+            add(turn.answer, learn=True)
+            ids.append(tokenizer.eos_token_id)
+            labels.append(tokenizer.eos_token_id)
+        return ids, labels
+
+    def prompt(self, tokenizer: Any, question: str) -> list[int]:
+        """The ids of one question awaiting its answer (`<image>` is prepended when the question lacks it)."""
+        if IMAGE_TAG not in question:
+            question = f"{IMAGE_TAG}\n{question}"
+        ids, _ = self.encode(tokenizer, Conversation(image="", turns=(Turn(question, ""),)))
+        return ids[:-1]  # without the answer's EOS
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], value: int, side: str = "right", length: int | None = None) -> torch.Tensor:
+    """(B, length or the longest) int64, padded with `value` on `side`."""
+    length = length or max(len(s) for s in sequences)
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        start = length - len(sequence) if side == "left" else 0
+        out[row, start : start + len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return out

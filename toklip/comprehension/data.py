@@ -1,0 +1,212 @@
+"""Training data of the comprehension model: LLaVA conversation files (instruction tuning) and
+caption shards (the projector's alignment stage), as batches of images, token ids and answer labels.
+
+A batch: "image" (B, 3, S, S) in the VQ tokenizer's [-1, 1], "input_ids" (B, L) with one
+IMAGE_PLACEHOLDER a row, "labels" (B, L) (IGNORE_INDEX off the answers), "attention_mask" (B, L).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..data.datamodule import TokLIPDataModule
+from ..data.samples import DEFAULT_MAX_IMAGE_PIXELS, SkippedSample, caption_of, image_bytes, open_image
+from ..data.scene_questions import CAPTION_INSTRUCTION
+from ..data.transforms import eval_transform, preprocess_config
+from ..data.workers import SignalSafeLoader
+from .conversation import IGNORE_INDEX, Conversation, PromptFormat, caption_conversation, pad_sequences, read_conversations
+from .language_model import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConversationEncoder:
+    """A conversation -> {"input_ids", "labels"} (1-D int64), cut to `max_length` tokens when given."""
+
+    tokenizer: Any
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
+    max_length: int | None = None
+
+    def __call__(self, conversation: Conversation) -> dict[str, torch.Tensor]:
+        ids, labels = self.prompt_format.encode(self.tokenizer, conversation)
+        if self.max_length is not None:
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+
+def collate_conversations(samples: Sequence[dict[str, torch.Tensor] | None], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack images; pad ids (with `pad_token_id`), labels and the attention mask on the right.
+    Samples that could not be read (None) are left out."""
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        raise ValueError("a batch in which no sample could be read (see the warnings naming them)")
+    ids = [s["input_ids"].tolist() for s in samples]
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "input_ids": pad_sequences(ids, pad_token_id),
+        "labels": pad_sequences([s["labels"].tolist() for s in samples], IGNORE_INDEX),
+        "attention_mask": pad_sequences([[1] * len(i) for i in ids], 0),
+    }
+
+
+@dataclass
+class PadTo:
+    """collate_conversations with a picklable pad id (loader workers)."""
+
+    pad_token_id: int
+
+    def __call__(self, samples: Sequence[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+        return collate_conversations(samples, self.pad_token_id)
+
+
+class ConversationDataset(Dataset):
+    """The records of a LLaVA conversation file, their images read from `image_folder`. An image that
+    cannot be read is skipped (None, left out of its batch) with a warning naming it."""
+
+    def __init__(
+        self,
+        conversations: Sequence[Conversation],
+        image_folder: str | os.PathLike,
+        transform: Callable[[Image.Image], torch.Tensor],
+        encoder: ConversationEncoder,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        self.conversations, self.image_folder = list(conversations), Path(image_folder)
+        self.transform, self.encoder, self.max_image_pixels = transform, encoder, max_image_pixels
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+        conversation = self.conversations[index]
+        path = self.image_folder / conversation.image
+        try:
+            image = open_image(path.read_bytes(), self.max_image_pixels)
+        except (OSError, SkippedSample) as err:
+            log.warning("skipped conversation %s (%s): image %s: %s", index, conversation.id or "no id", path, err)
+            return None
+        return {"image": self.transform(image), **self.encoder(conversation)}
+
+
+def subset(items: Sequence[Any], fraction: float, seed: int) -> list[Any]:
+    """The first ceil(fraction x n) items of a seeded shuffle: nested for growing fractions of one seed."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data.fraction={fraction}: expected a value in (0, 1]")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in sorted(order[: math.ceil(fraction * len(items))])]
+
+
+class ConversationDataModule(L.LightningDataModule):
+    """Instruction tuning data: a LLaVA conversation file, its images under `image_folder`, tokenized
+    by the LM's tokenizer (`tokenizer`: the LM's directory). `fraction` trains on a seeded subset of
+    the records (the miniature's data-efficiency curve)."""
+
+    def __init__(
+        self,
+        conversations: str | os.PathLike,
+        image_folder: str | os.PathLike,
+        *,
+        tokenizer: str | os.PathLike,
+        image_size: int,
+        fraction: float = 1.0,
+        batch_size_per_device: int = 16,
+        num_workers: int = 4,
+        seed: int = 0,
+        max_length: int | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        super().__init__()
+        subset([], fraction, seed)  # a bad fraction fails here, before anything is read
+        self.path, self.image_folder, self.tokenizer_path = Path(conversations), Path(image_folder), tokenizer
+        self.image_size, self.fraction, self.seed = image_size, fraction, seed
+        self.batch_size, self.num_workers, self.max_length, self.max_image_pixels = (
+            batch_size_per_device,
+            num_workers,
+            max_length,
+            max_image_pixels,
+        )
+        self.dataset: ConversationDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        tokenizer = load_tokenizer(self.tokenizer_path, source="data.tokenizer")
+        records = subset(read_conversations(self.path), self.fraction, self.seed)
+        if len(records) < self.batch_size:
+            raise ValueError(
+                f"data.conversations={self.path}: {len(records)} record(s) (fraction {self.fraction}), fewer than a batch of {self.batch_size}"
+            )
+        transform = eval_transform(preprocess_config(self.image_size))  # LLaVA pads or resizes, no augmentation
+        self.dataset = ConversationDataset(
+            records, self.image_folder, transform, ConversationEncoder(tokenizer, max_length=self.max_length), self.max_image_pixels
+        )
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def train_dataloader(self) -> SignalSafeLoader:
+        return SignalSafeLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers,
+            collate_fn=PadTo(self.pad_token_id), persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+
+
+@dataclass
+class CaptionConversationDecoder:
+    """A raw shard sample -> a caption conversation's tensors, padded to `length` (the stream stacks them)."""
+
+    image_transform: Callable[[Image.Image], torch.Tensor]
+    encoder: ConversationEncoder
+    instruction: str
+    length: int
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        data, caption = image_bytes(sample), caption_of(sample)
+        encoded = self.encoder(caption_conversation("", caption, self.instruction))
+        n = len(encoded["input_ids"])
+        return {
+            "image": self.image_transform(open_image(data, self.max_image_pixels)),
+            "input_ids": pad_sequences([encoded["input_ids"].tolist()], self.encoder.tokenizer.pad_token_id, length=self.length)[0],
+            "labels": pad_sequences([encoded["labels"].tolist()], IGNORE_INDEX, length=self.length)[0],
+            "attention_mask": pad_sequences([[1] * n], 0, length=self.length)[0],
+        }
+
+
+class CaptionShardDataModule(TokLIPDataModule):
+    """The alignment stage's data: img2dataset caption shards streamed as TokLIP's training data is
+    (same shuffles, skip counts, resume), each sample one turn, `instruction` -> its caption, cut and
+    padded to `max_length` tokens. `tokenizer` is the LM's directory."""
+
+    def __init__(
+        self,
+        train_urls: str | Sequence[str],
+        *,
+        tokenizer: str | os.PathLike,
+        instruction: str = CAPTION_INSTRUCTION,
+        max_length: int = 64,
+        **options: Any,
+    ) -> None:
+        super().__init__(train_urls, text_tokenizer=None, **options)
+        self.tokenizer_path, self.instruction, self.max_length = tokenizer, instruction, max_length
+        self.language_tokenizer = load_tokenizer(tokenizer, source="data.tokenizer")
+
+    # The stage validates nothing: Lightning's own (absent) hook, so that it looks for no validation loop.
+    val_dataloader = L.LightningDataModule.val_dataloader
+
+    def sample_decoder(self) -> CaptionConversationDecoder:
+        encoder = ConversationEncoder(self.language_tokenizer, max_length=self.max_length)
+        transform = eval_transform(self.eval_preprocess)
+        return CaptionConversationDecoder(transform, encoder, self.instruction, self.max_length, self.max_image_pixels)
