@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo demo-generation lint test test-all
+.PHONY: install demo demo-generation demo-comprehension lint test test-all
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: $(STAMP)
 
 demo-generation: $(STAMP)
 	$(VENV)/bin/toklip-demo-generation
+
+demo-comprehension: $(STAMP)
+	$(VENV)/bin/toklip-demo-comprehension
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,5 @@
 """A reduced miniature (few steps, few samples) runs end to end: three stages, evaluation, report, then
-the generation stage on its output."""
+the generation and comprehension stages on its output."""
 
 import json
 
@@ -10,6 +10,7 @@ import toklip
 from toklip.config import ConfigError
 from toklip.generation import load_generator
 from toklip.miniature import run_demo
+from toklip.miniature.comprehension import run_comprehension
 from toklip.miniature.generation import run_generation
 from toklip.models.teacher import Teacher, read_open_clip_state_dict
 
@@ -78,3 +79,24 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     # A run directory left by other settings is refused, not taken for this run's.
     with pytest.raises(ConfigError, match="holds a run with other settings"):
         run_generation(toklip.compose_config("demo_generation", generation(steps=3)))
+
+    # The comprehension stage on that output: the three inputs, two seeds, two shares of the questions.
+    comprehension = [
+        f"stage_overrides=[{stage_overrides}]", "seed=7", f"paths.data_dir={tmp_path / 'scenes'}", f"comprehension.demo_dir={out}",
+        "comprehension.seeds=[0,1]", "comprehension.fractions=[0.5,1.0]", "comprehension.question_set.train_images=32",
+        "comprehension.question_set.test_images=6", "comprehension.language_model.pretrain_steps=3",
+        "comprehension.overrides=['trainer.max_steps=2','trainer.enable_progress_bar=false','data.batch_size_per_device=4']",
+    ]  # fmt: skip
+    summary = run_comprehension(toklip.compose_config("demo_comprehension", comprehension))
+    runs = [(r["input"], r["seed"], r["fraction"]) for r in summary["runs"]]
+    assert runs == [(i, s, f) for i in ("toklip", "codes", "teacher") for s in (0, 1) for f in (0.5, 1.0)]
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["accuracy/background"] <= 1 for r in summary["runs"])
+    assert summary["differences"]["toklip-codes"]["1.0"]["accuracy/colour"]["n"] == 2
+    assert summary["questions"] == sum(1 for _ in (out / "comprehension" / "questions" / "test.jsonl").open())
+    report = (out / "report.md").read_text()
+    assert report.count("## Comprehension") == 1 and report.count("## Generation") == 1 and "| toklip − codes | 0.5 |" in report
+    assert (out / "comprehension_efficiency.png").is_file()
+    # The runs read the demo's own models: stage 1 aligned on the demo's shards, stage 2 began from it.
+    instruct = OmegaConf.load(out / "comprehension" / "codes" / "seed1" / "fraction0.5" / "config.yaml")
+    assert instruct.tokenizer.checkpoint == str(out / "vq" / "tokenizer.safetensors") and instruct.data.fraction == 0.5
+    assert instruct.model.init == str(out / "comprehension" / "codes" / "seed1" / "align" / "comprehension.safetensors")

@@ -121,9 +121,7 @@ class ComprehensionModule(ExportableModule, L.LightningModule):
 
     def start_from(self, path: Path) -> None:
         """The trained weights of an earlier stage's export that this model has (its projector, a codes embedding)."""
-        description = json.loads(
-            read_sidecar(path, "comprehension", "is it a comprehension export, <run>/comprehension.safetensors?")["comprehension"]
-        )
+        description = read_description(path)
         trained_with, ours = description["vision_input"]["kind"], self.hparams.vision_input.get("kind")
         if trained_with != ours:
             raise ConfigError(f"model.init={path}: it was trained with vision_input={trained_with}, this run reads {ours}")
@@ -176,13 +174,18 @@ class ComprehensionModule(ExportableModule, L.LightningModule):
         return state, {"comprehension": json.dumps(description)}
 
 
+def read_description(path: Path) -> dict[str, Any]:
+    """What a comprehension export's sidecar records: the LM's path, the visual input, projector, image size, stage."""
+    return json.loads(
+        read_sidecar(path, "comprehension", "is it a comprehension export, <run>/comprehension.safetensors?")["comprehension"]
+    )
+
+
 def load_comprehension(path: str | os.PathLike, device: str | torch.device = "cpu") -> VisualLanguageModel:
     """A comprehension export (`ComprehensionModule.export`) in eval mode: the LM and the visual
     encoder re-read from the paths it records, its trained weights loaded exactly."""
     path = Path(path)
-    description = json.loads(
-        read_sidecar(path, "comprehension", "is it a comprehension export, <run>/comprehension.safetensors?")["comprehension"]
-    )
+    description = read_description(path)
     model = build_model(
         description["llm"], description["vision_input"], description["projector"], description["image_size"], description["stage"]
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .synthetic import POSITIONS, Scene, _rng, random_scene, render
+from .synthetic import POSITIONS, Scene, random_scene, render, scene_rng
 
 CAPTION_INSTRUCTION = "Describe the image briefly."  # LLaVA's pretraining records ask for a caption in such words
 QUESTION_TYPES = ("colour", "size", "shape", "background", "count", "position")
@@ -66,7 +66,7 @@ class QuestionSetConfig:
 
 def _draw(root: Path, cfg: QuestionSetConfig, split: str, index: int) -> tuple[str, Scene, list[tuple[str, str, str]]]:
     """Render one image of a split; its file name, scene and questions."""
-    rng = _rng(cfg.seed, f"questions-{split}", index)
+    rng = scene_rng(cfg.seed, f"questions-{split}", index)
     scene = random_scene(rng, cfg.max_shapes)
     name = f"{split}_{index:06d}.jpg"
     render(scene, cfg.image_size, rng).save(root / "images" / name, quality=95)

@@ -166,7 +166,8 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _rng(seed: int, split: str, index: int) -> random.Random:
+def scene_rng(seed: int, split: str, index: int) -> random.Random:
+    """The random source of one image of a split: every image is a pure function of (seed, split, index)."""
     return random.Random(f"{seed}/{split}/{index}")
 
 
@@ -240,7 +241,7 @@ def write_train_shards(paths: SyntheticPaths, cfg: SyntheticConfig) -> None:
     pattern = str(shard_dir / "%06d.tar")
     with wds.ShardWriter(pattern, maxcount=cfg.samples_per_shard, verbose=0) as sink:
         for index in tqdm(range(cfg.train_samples), desc="train shards", unit="img", leave=False):
-            rng = _rng(cfg.seed, "train", index)
+            rng = scene_rng(cfg.seed, "train", index)
             scene = random_scene(rng, cfg.max_shapes)
             caption = scene.caption(rng.randrange(3))
             key = f"{index:09d}"
@@ -258,7 +259,7 @@ def write_zeroshot(paths: SyntheticPaths, cfg: SyntheticConfig) -> None:
         folder = paths.zeroshot / f"{label:04d}_{names[label].replace(' ', '_')}"
         folder.mkdir(exist_ok=True)
         for i in range(cfg.zeroshot_per_class):
-            rng = _rng(cfg.seed, "zeroshot", index)
+            rng = scene_rng(cfg.seed, "zeroshot", index)
             index += 1
             render(random_scene(rng, fixed=fixed), cfg.image_size, rng).save(folder / f"{i:05d}.jpg", quality=95)
     (paths.zeroshot / "classnames.txt").write_text("\n".join(names) + "\n")
@@ -269,7 +270,7 @@ def write_retrieval(paths: SyntheticPaths, cfg: SyntheticConfig) -> None:
     paths.retrieval_images.mkdir(parents=True, exist_ok=True)
     lines = []
     for index in tqdm(range(cfg.retrieval_images), desc="retrieval set", unit="img", leave=False):
-        rng = _rng(cfg.seed, "retrieval", index)
+        rng = scene_rng(cfg.seed, "retrieval", index)
         scene = random_scene(rng, cfg.max_shapes)
         filename = f"{index:06d}.jpg"
         render(scene, cfg.image_size, rng).save(paths.retrieval_images / filename, quality=95)

@@ -118,10 +118,12 @@ def run_comprehension(cfg: DictConfig) -> dict[str, Any]:
                 overrides = [*visual, *common, *instruct_data, f"data.fraction={fraction}", f"seed={seed}",
                              f"model.init={align_dir / 'comprehension.safetensors'}"]  # fmt: skip
                 metrics, trained = run_training(options.instruct_experiment, run_dir, overrides)
+                began = time.perf_counter()
                 model = load_comprehension(run_dir / "comprehension.safetensors")
                 scores = question_accuracy(questions, answer_questions(model, questions, load_image, max_new_tokens=2))
                 runs.append({"input": kind, "seed": seed, "fraction": fraction, **{s: scores.get(s) for s in SCORES},
-                             "train_loss": metrics.get("train/loss"), "align_seconds": align_seconds, "train_seconds": trained})  # fmt: skip
+                             "train_loss": metrics.get("train/loss"), "align_seconds": align_seconds, "train_seconds": trained,
+                             "score_seconds": time.perf_counter() - began})  # fmt: skip
                 print(
                     f"{kind} seed {seed} fraction {fraction}: " + ", ".join(f"{s} {scores[s]:.3f}" for s in SCORES if s in scores),
                     flush=True,

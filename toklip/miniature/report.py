@@ -241,45 +241,35 @@ COMPREHENSION_SECTION = "## Comprehension"
 ATTRIBUTES_THE_TEACHER_KNOWS = ("colour", "size", "background")  # its zero-shot classes
 MIN_GAIN_OVER_CODES = 0.15  # issue #14's targets: accuracy, at equal data
 MAX_GAP_TO_TEACHER = 0.10
-MAX_SECONDS = {"all three inputs": 600.0, "one input": 300.0}
+MAX_SECONDS = {"one run": 300.0, "all inputs": 600.0}  # a toklip-train run; stages 1 and 2 and scoring of every input
 
 
 def comprehension_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
-    """(target, measured, wanted, met) at all of the training questions."""
+    """(target, measured, wanted, met) at the fewest and at all of the training questions."""
+    bounds = {"toklip-codes": MIN_GAIN_OVER_CODES, "toklip-teacher": -MAX_GAP_TO_TEACHER}
     rows = []
-    full = str(max(summary["fractions"]))
-    for kind in ATTRIBUTES_THE_TEACHER_KNOWS:
-        score = f"accuracy/{kind}"
-        gain = summary["differences"].get("toklip-codes", {}).get(full, {}).get(score)
-        if gain is not None:
-            rows.append(
-                (
-                    f"{kind}: toklip − codes",
-                    f"{gain['mean']:+.3f} ± {gain['std']:.3f}",
-                    f">= +{MIN_GAIN_OVER_CODES:.2f}",
-                    gain["mean"] >= MIN_GAIN_OVER_CODES,
-                )
-            )
-        gap = summary["differences"].get("toklip-teacher", {}).get(full, {}).get(score)
-        if gap is not None:
-            rows.append(
-                (
-                    f"{kind}: toklip − teacher",
-                    f"{gap['mean']:+.3f} ± {gap['std']:.3f}",
-                    f">= −{MAX_GAP_TO_TEACHER:.2f}",
-                    gap["mean"] >= -MAX_GAP_TO_TEACHER,
-                )
-            )
-    per_input = {}
-    for run in summary["runs"]:
-        per_input[run["input"]] = per_input.get(run["input"], 0.0) + run["train_seconds"] + run["align_seconds"] / len(summary["fractions"])
-    total = summary["seconds"]["total"]
-    rows.append(
-        ("seconds, all three inputs", f"{total:.0f}", f"<= {MAX_SECONDS['all three inputs']:.0f}", total <= MAX_SECONDS["all three inputs"])
+    for fraction in sorted({min(summary["fractions"]), max(summary["fractions"])}):
+        for kind in ATTRIBUTES_THE_TEACHER_KNOWS:
+            for pair, bound in bounds.items():
+                difference = summary["differences"].get(pair, {}).get(str(fraction), {}).get(f"accuracy/{kind}")
+                if difference is not None:
+                    what = f"{kind}: {pair.replace('-', ' − ')}, share {fraction:g}"
+                    measured = f"{difference['mean']:+.3f} ± {difference['std']:.3f}"
+                    rows.append((what, measured, f">= {bound:+.2f}", difference["mean"] >= bound))
+    runs, full = summary["runs"], max(summary["fractions"])
+    longest = max(max(r["align_seconds"], r["train_seconds"]) for r in runs)
+    rows.append(("seconds, the longest run", f"{longest:.0f}", f"<= {MAX_SECONDS['one run']:.0f}", longest <= MAX_SECONDS["one run"]))
+    three = max(
+        sum(r["align_seconds"] + r["train_seconds"] + r["score_seconds"] for r in runs if r["seed"] == seed and r["fraction"] == full)
+        for seed in summary["seeds"]
     )
-    slowest = max(per_input.values())
     rows.append(
-        ("seconds, one input (its runs)", f"{slowest:.0f}", f"<= {MAX_SECONDS['one input']:.0f}", slowest <= MAX_SECONDS["one input"])
+        (
+            "seconds, the inputs at all the questions, one seed",
+            f"{three:.0f}",
+            f"<= {MAX_SECONDS['all inputs']:.0f}",
+            three <= MAX_SECONDS["all inputs"],
+        )
     )
     return rows
 
@@ -317,7 +307,7 @@ def _efficiency_plot(path: Path, summary: dict[str, Any], types: list[str]) -> s
 def write_comprehension_report(out: Path, summary: dict[str, Any]) -> Path:
     """The comprehension section of `out/report.md` (replacing an earlier one), with its data-efficiency plot."""
     types = [t for t in QUESTION_TYPES if t in summary["chance"]]
-    targets = ["| target (all of the training questions) | measured | wanted | met |", "|---|---|---|---|"]
+    targets = ["| target (paired by seed) | measured | wanted | met |", "|---|---|---|---|"]
     targets += [
         f"| {what} | {measured} | {wanted} | {'yes' if met else 'NO'} |" for what, measured, wanted, met in comprehension_rows(summary)
     ]
