@@ -135,6 +135,15 @@ def test_a_tiny_mllm_on_vq_codes_overfits_a_handful_of_questions(tiny_lm, frozen
     model.eval()
     assert model.answer(images, ["what colour is it?"] * 4, max_new_tokens=4) == list(facts)
     assert model.answer(images, ["how many shapes are there?"] * 4, max_new_tokens=4) == [count for _, count in facts.values()]
+    # Multiple choice: the likeliest of a question's choices, whatever the model would have generated.
+    from toklip.comprehension import Question, answer_questions, question_accuracy
+
+    by_name = dict(zip(facts, images))
+    questions = [Question(name, "what colour is it?", name, type="colour", choices=("green", name)) for name in facts]
+    questions += [Question(name, "how many shapes are there?", count, type="count", choices=("one", "two")) for name, (_, count) in facts.items()]
+    answers = answer_questions(model, questions, by_name.__getitem__, batch_size=3)
+    assert answers == [q.answer for q in questions]
+    assert question_accuracy(questions, answers) == {"accuracy": 1.0, "questions": 8.0, "accuracy/colour": 1.0, "accuracy/count": 1.0}
 
 
 def test_a_feature_memo_encodes_each_image_once_and_changes_nothing(toklip_export):
@@ -231,7 +240,7 @@ def test_align_on_caption_shards_then_instruct_on_conversations_then_ask(tmp_pat
     assert {k.split(".")[0] for k in load_file(aligned)} == {"projector"}  # the LM was frozen: not saved
 
     instruct = [*common, "data=conversations", f"data.conversations={questions / 'train.json'}", f"data.image_folder={questions / 'images'}",
-                f"model.init={aligned}"]  # fmt: skip
+                f"model.init={aligned}", "trainer.precision=bf16-mixed"]  # fmt: skip
     train(compose(tmp_path / "instruct", instruct))
     exported = tmp_path / "instruct" / "comprehension.safetensors"
     saved = load_file(exported)

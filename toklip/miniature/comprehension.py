@@ -67,7 +67,10 @@ def make_language_model(out: Path, question_set: Path, options: DictConfig, seed
     """The tiny LM over the question set's words, pretrained on its conversations' text (kept, and found
     again, for the same settings)."""
     directory = out / "language_model"
-    settings = json.dumps(OmegaConf.to_container(options, resolve=True) | {"seed": seed}, sort_keys=True)
+    question_set_manifest = json.loads((question_set / "manifest.json").read_text())  # its words and texts are the set's
+    settings = json.dumps(
+        OmegaConf.to_container(options, resolve=True) | {"seed": seed, "question_set": question_set_manifest}, sort_keys=True
+    )
     if (directory / "settings.json").is_file() and (directory / "settings.json").read_text() == settings:
         return directory
     conversations = read_conversations(question_set / "train.json") + read_conversations(question_set / "captions.json")
