@@ -140,7 +140,9 @@ def test_a_tiny_mllm_on_vq_codes_overfits_a_handful_of_questions(tiny_lm, frozen
 
     by_name = dict(zip(facts, images))
     questions = [Question(name, "what colour is it?", name, type="colour", choices=("green", name)) for name in facts]
-    questions += [Question(name, "how many shapes are there?", count, type="count", choices=("one", "two")) for name, (_, count) in facts.items()]
+    questions += [
+        Question(name, "how many shapes are there?", count, type="count", choices=("one", "two")) for name, (_, count) in facts.items()
+    ]
     answers = answer_questions(model, questions, by_name.__getitem__, batch_size=3)
     assert answers == [q.answer for q in questions]
     assert question_accuracy(questions, answers) == {"accuracy": 1.0, "questions": 8.0, "accuracy/colour": 1.0, "accuracy/count": 1.0}

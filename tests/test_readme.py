@@ -14,7 +14,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 TOOL_CONFIGS = {
     "toklip-train": "train", "toklip.cli.train": "train", "toklip-eval": "eval", "toklip-encode": "encode",
     "toklip.cli.encode": "encode", "toklip-cache": "cache", "toklip-convert": "convert", "toklip-make-synthetic": "make_synthetic", "toklip-demo": "demo",
-    "toklip-generate": "generate", "toklip-demo-generation": "demo_generation",
+    "toklip-generate": "generate", "toklip-demo-generation": "demo_generation", "toklip-ask": "ask",
+    "toklip-demo-comprehension": "demo_comprehension",
 }  # fmt: skip
 _OPTIONS_WITH_A_VALUE = {"--config-dir", "--cfg", "--nproc_per_node", "--nnodes", "--rdzv_endpoint"}
 

@@ -146,6 +146,11 @@ def caption_conversation(image: str, caption: str, instruction: str) -> Conversa
     return Conversation(image=image, turns=(Turn(f"{IMAGE_TAG}\n{instruction}", caption),))
 
 
+def with_image_tag(question: str) -> str:
+    """A question as the first turn about an image: `<image>` first, unless it places the tag itself."""
+    return question if IMAGE_TAG in question else f"{IMAGE_TAG}\n{question}"
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """The Vicuna v1 layout of LLaVA-1.5, over any Hugging Face tokenizer."""
@@ -181,9 +186,7 @@ class PromptFormat:
 
     def prompt(self, tokenizer: Any, question: str) -> list[int]:
         """The ids of one question awaiting its answer (`<image>` is prepended when the question lacks it)."""
-        if IMAGE_TAG not in question:
-            question = f"{IMAGE_TAG}\n{question}"
-        ids, _ = self.encode(tokenizer, Conversation(image="", turns=(Turn(question, ""),)))
+        ids, _ = self.encode(tokenizer, Conversation(image="", turns=(Turn(with_image_tag(question), ""),)))
         return ids[:-1]  # without the answer's EOS
 
 

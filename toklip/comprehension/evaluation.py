@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..data.eval_sets import RetrievalSet
 from ..data.samples import open_image
 from ..data.transforms import eval_transform, preprocess_config
-from .conversation import Conversation, Question, Turn
+from .conversation import Conversation, Question, Turn, with_image_tag
 from .data import CAPTION_INSTRUCTION
 from .model import VisualLanguageModel
 
@@ -68,7 +68,7 @@ def answer_questions(
 
 @torch.no_grad()
 def most_likely_choice(model: VisualLanguageModel, image: torch.Tensor, question: Question) -> str:
-    candidates = [Conversation(question.image, (Turn(question.question, choice),)) for choice in question.choices]
+    candidates = [Conversation(question.image, (Turn(with_image_tag(question.question), choice),)) for choice in question.choices]
     scores = model.answer_log_likelihoods(image.expand(len(candidates), -1, -1, -1), candidates)
     return question.choices[int(scores.argmax())]
 
