@@ -291,10 +291,10 @@ def _efficiency_plot(path: Path, summary: dict[str, Any], types: list[str]) -> s
         kind = score.split("/")[-1]
         if kind in summary["chance"]:
             ax.axhline(summary["chance"][kind], color="gray", linestyle="--", linewidth=1)
-        ax.set(
-            xscale="log", ylim=(0, 1.02), title="all questions" if score == "accuracy" else kind, xlabel="share of the training questions"
-        )
+        ax.set_xscale("log", base=2)
+        ax.set(ylim=(0, 1.02), title="all questions" if score == "accuracy" else kind, xlabel="share of the training questions")
         ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+        ax.minorticks_off()
     for ax in list(axes.flat)[len(scores) :]:
         ax.axis("off")
     axes.flat[0].legend()
