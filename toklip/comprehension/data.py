@@ -133,12 +133,8 @@ class ConversationDataModule(L.LightningDataModule):
         subset([], fraction, seed)  # a bad fraction fails here, before anything is read
         self.path, self.image_folder, self.tokenizer_path = Path(conversations), Path(image_folder), tokenizer
         self.image_size, self.fraction, self.seed = image_size, fraction, seed
-        self.batch_size, self.num_workers, self.max_length, self.max_image_pixels = (
-            batch_size_per_device,
-            num_workers,
-            max_length,
-            max_image_pixels,
-        )
+        self.batch_size, self.num_workers = batch_size_per_device, num_workers
+        self.max_length, self.max_image_pixels = max_length, max_image_pixels
         self.dataset: ConversationDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -200,7 +196,7 @@ class CaptionShardDataModule(TokLIPDataModule):
         **options: Any,
     ) -> None:
         super().__init__(train_urls, text_tokenizer=None, **options)
-        self.tokenizer_path, self.instruction, self.max_length = tokenizer, instruction, max_length
+        self.instruction, self.max_length = instruction, max_length
         self.language_tokenizer = load_tokenizer(tokenizer, source="data.tokenizer")
 
     # The stage validates nothing: Lightning's own (absent) hook, so that it looks for no validation loop.
