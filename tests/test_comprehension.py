@@ -312,8 +312,10 @@ def test_lora_trains_adapters_only_and_its_export_answers_as_the_module_did(tmp_
     assert loaded.answer(images, question, max_new_tokens=3) == module.model.eval().answer(images, question, max_new_tokens=3)
 
 
-def test_fsdp2_shards_the_language_model_and_exports_it_whole(tmp_path, tiny_lm, toklip_export):
-    """Lightning's ModelParallelStrategy re-launches the script, so this runs as its own program."""
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_two_ranks_train_the_language_model_and_export_it_whole(tmp_path, tiny_lm, toklip_export, strategy):
+    """Lightning re-launches the script for each rank, so this runs as its own program. FSDP2 shards each
+    LM layer (DTensor weights); DDP keeps a whole copy on each rank."""
     import subprocess
     import sys
     import textwrap
@@ -327,21 +329,23 @@ def test_fsdp2_shards_the_language_model_and_exports_it_whole(tmp_path, tiny_lm,
         from toklip.comprehension import ComprehensionModule, Conversation, Turn
         from toklip.comprehension.data import ConversationEncoder, collate_conversations
         from toklip.training import ExportModel
-        from toklip.training.strategies import fsdp2
+        from toklip.training.strategies import ddp, fsdp2
         m = ComprehensionModule({{"path": {str(tiny_lm)!r}, "gradient_checkpointing": True}}, {{"kind": "toklip", "checkpoint": {str(toklip_export)!r}}},
                                 image_size=64, optim={{"lr": 1e-3, "warmup_steps": 1, "total_steps": 2}})
         encode = ConversationEncoder(m.model.tokenizer)
         sample = {{"image": torch.zeros(3, 64, 64), **encode(Conversation("x", (Turn("<image>\\nwhat colour is it?", "red"),)))}}
         batches = [collate_conversations([sample] * 2, m.model.tokenizer.pad_token_id)] * 2
-        t = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=fsdp2(data_parallel_size=2), logger=False,
+        strategy = fsdp2(data_parallel_size=2) if {strategy!r} == "fsdp2" else ddp()
+        t = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=strategy, logger=False,
                       enable_progress_bar=False, enable_checkpointing=False, callbacks=[ExportModel({str(tmp_path)!r})])
         t.fit(m, torch.utils.data.DataLoader(batches, batch_size=None))
         layer = m.model.language_model.model.layers[0].self_attn.q_proj.weight
-        print(f"rank {{t.global_rank}} steps {{t.global_step}} sharded {{type(layer).__name__}}")
+        print(f"rank {{t.global_rank}} steps {{t.global_step}} weights {{type(layer).__name__}}")
     """)
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0 steps 2 sharded DTensor" in done.stdout and "rank 1 steps 2 sharded DTensor" in done.stdout
-    model = load_comprehension(tmp_path / "comprehension.safetensors")  # gathered from the shards, whole
+    kind = "DTensor" if strategy == "fsdp2" else "Parameter"
+    assert f"rank 0 steps 2 weights {kind}" in done.stdout and f"rank 1 steps 2 weights {kind}" in done.stdout
+    model = load_comprehension(tmp_path / "comprehension.safetensors")  # whole (gathered from the shards under FSDP2)
     assert model.language_model.model.layers[0].self_attn.q_proj.weight.shape == (64, 64)
