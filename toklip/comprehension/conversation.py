@@ -198,3 +198,21 @@ def pad_sequences(sequences: Sequence[Sequence[int]], value: int, side: str = "r
         start = length - len(sequence) if side == "left" else 0
         out[row, start : start + len(sequence)] = torch.tensor(sequence, dtype=torch.long)
     return out
+
+
+def pad_batch(
+    ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    labels: Sequence[Sequence[int]] | None = None,
+    side: str = "right",
+    length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Token id sequences (and their labels) as a batch: "input_ids" padded with `pad_token_id`,
+    "attention_mask" (1 on the real tokens), "labels" padded with IGNORE_INDEX, all (B, length or the longest)."""
+    batch = {
+        "input_ids": pad_sequences(ids, pad_token_id, side, length),
+        "attention_mask": pad_sequences([[1] * len(sequence) for sequence in ids], 0, side, length),
+    }
+    if labels is not None:
+        batch["labels"] = pad_sequences(labels, IGNORE_INDEX, side, length)
+    return batch

@@ -26,7 +26,7 @@ from ..data.samples import DEFAULT_MAX_IMAGE_PIXELS, SkippedSample, caption_of, 
 from ..data.scene_questions import CAPTION_INSTRUCTION
 from ..data.transforms import eval_transform, preprocess_config
 from ..data.workers import SignalSafeLoader
-from .conversation import IGNORE_INDEX, Conversation, PromptFormat, caption_conversation, pad_sequences, read_conversations
+from .conversation import Conversation, PromptFormat, caption_conversation, pad_batch, read_conversations
 from .language_model import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,8 @@ def collate_conversations(samples: Sequence[dict[str, torch.Tensor] | None], pad
     samples = [s for s in samples if s is not None]
     if not samples:
         raise ValueError("a batch in which no sample could be read (see the warnings naming them)")
-    ids = [s["input_ids"].tolist() for s in samples]
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "input_ids": pad_sequences(ids, pad_token_id),
-        "labels": pad_sequences([s["labels"].tolist() for s in samples], IGNORE_INDEX),
-        "attention_mask": pad_sequences([[1] * len(i) for i in ids], 0),
-    }
+    text = pad_batch([s["input_ids"].tolist() for s in samples], pad_token_id, [s["labels"].tolist() for s in samples])
+    return {"image": torch.stack([s["image"] for s in samples]), **text}
 
 
 @dataclass
@@ -172,13 +167,10 @@ class CaptionConversationDecoder:
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         data, caption = image_bytes(sample), caption_of(sample)
         encoded = self.encoder(caption_conversation("", caption, self.instruction))
-        n = len(encoded["input_ids"])
-        return {
-            "image": self.image_transform(open_image(data, self.max_image_pixels)),
-            "input_ids": pad_sequences([encoded["input_ids"].tolist()], self.encoder.tokenizer.pad_token_id, length=self.length)[0],
-            "labels": pad_sequences([encoded["labels"].tolist()], IGNORE_INDEX, length=self.length)[0],
-            "attention_mask": pad_sequences([[1] * n], 0, length=self.length)[0],
-        }
+        text = pad_batch(
+            [encoded["input_ids"].tolist()], self.encoder.tokenizer.pad_token_id, [encoded["labels"].tolist()], length=self.length
+        )
+        return {"image": self.image_transform(open_image(data, self.max_image_pixels)), **{k: v[0] for k, v in text.items()}}
 
 
 class CaptionShardDataModule(TokLIPDataModule):

@@ -59,10 +59,11 @@ def answer_questions(
     answers = []
     for batch in tqdm(list(_batches(questions, batch_size)), desc="questions", unit="batch", leave=False):
         images = torch.stack([load_image(q.image) for q in batch]).to(device)
-        answers += model.answer(images, [q.question for q in batch], max_new_tokens=max_new_tokens)
-        for i, question in enumerate(batch):
-            if question.choices:
-                answers[len(answers) - len(batch) + i] = most_likely_choice(model, images[i], question)
+        open_ended = [i for i, q in enumerate(batch) if not q.choices]  # only these are generated
+        questions_asked = [batch[i].question for i in open_ended]
+        generated = model.answer(images[open_ended], questions_asked, max_new_tokens=max_new_tokens) if open_ended else []
+        by_index = dict(zip(open_ended, generated))
+        answers += [by_index[i] if i in by_index else most_likely_choice(model, images[i], q) for i, q in enumerate(batch)]
     return answers
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
@@ -54,7 +55,6 @@ def make_tiny_language_model(
 ) -> Path:
     """Write a randomly initialised tiny Llama and a word-level tokenizer over the words of `texts`
     (plus the prompt's own words) to `directory`, loadable by `load_language_model`; returns it."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     from .conversation import PromptFormat

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, PromptFormat, pad_sequences
+from .conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, PromptFormat, pad_batch
 from .vision import VisualInput
 
 
@@ -86,10 +86,6 @@ class VisualLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format or PromptFormat()
 
-    @property
-    def num_image_tokens(self) -> int:
-        return self.vision.num_tokens
-
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> the image's tokens in the LM's embedding space (B, N, hidden)."""
         return self.projector(self.vision(images))
@@ -114,10 +110,9 @@ class VisualLanguageModel(nn.Module):
     def answer_log_likelihoods(self, images: torch.Tensor, conversations: Sequence[Conversation]) -> torch.Tensor:
         """The summed log-likelihood of each conversation's answer tokens (B,): multiple choice scores."""
         encoded = [self.prompt_format.encode(self.tokenizer, c) for c in conversations]
-        input_ids = pad_sequences([ids for ids, _ in encoded], self.tokenizer.pad_token_id).to(images.device)
-        labels = pad_sequences([lab for _, lab in encoded], IGNORE_INDEX).to(images.device)
-        attention_mask = pad_sequences([[1] * len(ids) for ids, _ in encoded], 0).to(images.device)
-        embeddings, mask, labels = self.embed(images, input_ids, attention_mask, labels)
+        batch = pad_batch([ids for ids, _ in encoded], self.tokenizer.pad_token_id, [labels for _, labels in encoded])
+        batch = {k: v.to(images.device) for k, v in batch.items()}
+        embeddings, mask, labels = self.embed(images, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logits = self.language_model(inputs_embeds=embeddings, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         targets = labels[:, 1:]
         picked = -F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
@@ -127,9 +122,10 @@ class VisualLanguageModel(nn.Module):
     def answer(self, images: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers, one a (image, question) pair, by the LM's `generate`."""
         prompts = [self.prompt_format.prompt(self.tokenizer, q) for q in questions]
-        input_ids = pad_sequences(prompts, self.tokenizer.pad_token_id, side="left").to(images.device)
-        attention_mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(images.device)
-        embeddings, mask, _ = self.embed(images, input_ids, attention_mask, padding_side="left")
+        batch = pad_batch(prompts, self.tokenizer.pad_token_id, side="left")
+        embeddings, mask, _ = self.embed(
+            images, batch["input_ids"].to(images.device), batch["attention_mask"].to(images.device), padding_side="left"
+        )
         generated = self.language_model.generate(
             inputs_embeds=embeddings, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..comprehension import load_comprehension, load_language_model, make_tiny_language_model, read_conversations, read_questions
 from ..comprehension.conversation import IMAGE_PLACEHOLDER, PromptFormat
 from ..comprehension.evaluation import answer_questions, image_loader, question_accuracy
+from ..comprehension.language_model import load_tokenizer
 from ..data.scene_questions import QUESTION_TYPES, QuestionSetConfig, write_question_set
 from ..tasks import train
 from .pipeline import ARTIFACTS, find_demo_dir, record_run_config, spread, stage_config, stage_config_of
@@ -76,7 +77,7 @@ def make_language_model(out: Path, question_set: Path, options: DictConfig, seed
     conversations = read_conversations(question_set / "train.json") + read_conversations(question_set / "captions.json")
     texts = [f"{turn.question} {turn.answer}" for c in conversations for turn in c.turns]
     make_tiny_language_model(directory, texts, width=options.width, depth=options.depth, heads=options.heads, seed=seed)
-    _, tokenizer = load_language_model(directory)
+    tokenizer = load_tokenizer(directory)
     prompt = PromptFormat()
     sequences = [[i for i in prompt.encode(tokenizer, c)[0] if i != IMAGE_PLACEHOLDER] for c in conversations]
     loss = pretrain_language_model(directory, sequences, options.pretrain_steps, options.batch_size, options.lr, seed)
