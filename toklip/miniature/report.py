@@ -103,9 +103,19 @@ def target_rows(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     ]
 
 
+def target_table(rows: list[tuple[str, str, str, bool]], heading: str = "target") -> list[str]:
+    """(target, measured, wanted, met) rows as a markdown table."""
+    lines = [f"| {heading} | measured | wanted | met |", "|---|---|---|---|"]
+    return lines + [f"| {what} | {measured} | {wanted} | {'yes' if met else 'NO'} |" for what, measured, wanted, met in rows]
+
+
+def spread_cell(score: dict[str, float] | None, digits: int = 3) -> str:
+    """A score over seeds as "mean ± standard deviation" (empty where there is none)."""
+    return "" if score is None else f"{score['mean']:.{digits}f} ± {score['std']:.{digits}f}"
+
+
 def write_report(out: Path, results: dict[str, Any], seconds: dict[str, float], max_images: int = 8) -> Path:
-    rows = ["| target | measured | wanted | met |", "|---|---|---|---|"]
-    rows += [f"| {what} | {measured} | {wanted} | {'yes' if met else 'NO'} |" for what, measured, wanted, met in target_rows(results)]
+    rows = target_table(target_rows(results))
     keys = ["zeroshot/top1", "zeroshot/top5", "retrieval/i2t_R@1", "retrieval/t2i_R@1", "retrieval/i2t_R@5", "retrieval/t2i_R@5"]
     scores = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     scores += [f"| {m} | " + " | ".join(f"{results[m][k]:.3f}" for k in keys) + " |" for m in ("teacher", "toklip")]
@@ -184,13 +194,7 @@ def write_generation_report(
 ) -> Path:
     """The generation section of `out/report.md` (replacing an earlier one), with its sample grid."""
 
-    def cell(score: dict[str, float], digits: int = 3) -> str:
-        return f"{score['mean']:.{digits}f} ± {score['std']:.{digits}f}"
-
-    targets = ["| target | measured | wanted | met |", "|---|---|---|---|"]
-    targets += [
-        f"| {what} | {measured} | {wanted} | {'yes' if met else 'NO'} |" for what, measured, wanted, met in generation_rows(summary)
-    ]
+    targets = target_table(generation_rows(summary))
     columns = {
         "fd": 3, "clip_score": 2, "prompt_accuracy": 3, "colour_accuracy": 3, "size_accuracy": 3, "background_accuracy": 3, "nll": 3,
     }  # fmt: skip
@@ -200,10 +204,10 @@ def write_generation_report(
         "|---" * 9 + "|",
     ]
     for mode, scores in summary["by_mode"].items():
-        cells = " | ".join(cell(scores[name], digits) for name, digits in columns.items())
+        cells = " | ".join(spread_cell(scores[name], digits) for name, digits in columns.items())
         table.append(f"| {mode} | {cells} | {scores['seconds']['mean']:.0f} |")
     if summary["difference"]:
-        cells = " | ".join(cell(summary["difference"][name], digits) for name, digits in columns.items())
+        cells = " | ".join(spread_cell(summary["difference"][name], digits) for name, digits in columns.items())
         table.append(f"| codes+toklip − codes (paired by seed) | {cells} | |")
     real = summary["real_images"]
     table.append(
@@ -307,13 +311,7 @@ def _efficiency_plot(path: Path, summary: dict[str, Any], types: list[str]) -> s
 def write_comprehension_report(out: Path, summary: dict[str, Any]) -> Path:
     """The comprehension section of `out/report.md` (replacing an earlier one), with its data-efficiency plot."""
     types = [t for t in QUESTION_TYPES if t in summary["chance"]]
-    targets = ["| target (paired by seed) | measured | wanted | met |", "|---|---|---|---|"]
-    targets += [
-        f"| {what} | {measured} | {wanted} | {'yes' if met else 'NO'} |" for what, measured, wanted, met in comprehension_rows(summary)
-    ]
-
-    def cell(score: dict[str, float] | None) -> str:
-        return "" if score is None else f"{score['mean']:.3f} ± {score['std']:.3f}"
+    targets = target_table(comprehension_rows(summary), heading="target (paired by seed)")
 
     header = "| input | share | all | " + " | ".join(types) + " |"
     rule = "|---" * (len(types) + 3) + "|"
@@ -322,8 +320,8 @@ def write_comprehension_report(out: Path, summary: dict[str, Any]) -> Path:
         for kind, by_fraction in summary["by_input"].items():
             scores = by_fraction[str(fraction)]
             table.append(
-                f"| {kind} | {fraction:g} | {cell(scores.get('accuracy'))} | "
-                + " | ".join(cell(scores.get(f"accuracy/{t}")) for t in types)
+                f"| {kind} | {fraction:g} | {spread_cell(scores.get('accuracy'))} | "
+                + " | ".join(spread_cell(scores.get(f"accuracy/{t}")) for t in types)
                 + " |"
             )
     table.append("| always the commonest answer | | | " + " | ".join(f"{summary['chance'][t]:.3f}" for t in types) + " |")
@@ -332,8 +330,8 @@ def write_comprehension_report(out: Path, summary: dict[str, Any]) -> Path:
         for fraction in summary["fractions"]:
             scores = by_fraction[str(fraction)]
             differences.append(
-                f"| {name.replace('-', ' − ')} | {fraction:g} | {cell(scores.get('accuracy'))} | "
-                + " | ".join(cell(scores.get(f"accuracy/{t}")) for t in types)
+                f"| {name.replace('-', ' − ')} | {fraction:g} | {spread_cell(scores.get('accuracy'))} | "
+                + " | ".join(spread_cell(scores.get(f"accuracy/{t}")) for t in types)
                 + " |"
             )
     plot = _efficiency_plot(out / "comprehension_efficiency.png", summary, types)
