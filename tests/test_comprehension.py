@@ -349,3 +349,18 @@ def test_two_ranks_train_the_language_model_and_export_it_whole(tmp_path, tiny_l
     assert f"rank 0 steps 2 weights {kind}" in done.stdout and f"rank 1 steps 2 weights {kind}" in done.stdout
     model = load_comprehension(tmp_path / "comprehension.safetensors")  # whole (gathered from the shards under FSDP2)
     assert model.language_model.model.layers[0].self_attn.q_proj.weight.shape == (64, 64)
+
+
+def test_fsdp_wraps_each_decoder_layer_of_any_hugging_face_lm():
+    """FSDP1's wrap units are Hugging Face's decoder-layer base class, not one architecture's layer."""
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from toklip.training.strategies import WRAP_UNITS
+
+    qwen = Qwen2ForCausalLM(
+        Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+    )
+    policy = ModuleWrapPolicy(WRAP_UNITS)
+    wrapped = [m for m in qwen.modules() if policy(m, recurse=False, nonwrapped_numel=0)]
+    assert wrapped == list(qwen.model.layers)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..checkpoints import StateDict
 from ..models.token_encoder import CausalBlock
 
-WRAP_UNITS = {CausalBlock, LlamaDecoderLayer}
+# The token encoder's block, and any Hugging Face decoder layer (the generator's Llama, a comprehension LM).
+WRAP_UNITS = {CausalBlock, GradientCheckpointingLayer}
 
 
 def ddp() -> DDPStrategy:
@@ -18,7 +19,7 @@ def ddp() -> DDPStrategy:
 
 
 def fsdp(activation_checkpointing: bool = False, sharding_strategy: str = "FULL_SHARD") -> FSDPStrategy:
-    """FSDP (GPUs) with the token encoder's causal block and the generator's Llama layer as wrap units.
+    """FSDP (GPUs) with the token encoder's causal block and every Hugging Face decoder layer as wrap units.
 
     `use_orig_params`: frozen (VQ, text tower, teacher) and trainable parameters share wrap units.
     """
