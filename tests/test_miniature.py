@@ -86,6 +86,7 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
         "comprehension.seeds=[0,1]", "comprehension.fractions=[0.5,1.0]", "comprehension.question_set.train_images=32",
         "comprehension.question_set.test_images=6", "comprehension.language_model.pretrain_steps=3",
         "comprehension.overrides=['trainer.max_steps=2','trainer.enable_progress_bar=false','data.batch_size_per_device=4']",
+        "comprehension.instruct_overrides=['trainer.max_steps=3']",
     ]  # fmt: skip
     summary = run_comprehension(toklip.compose_config("demo_comprehension", comprehension))
     runs = [(r["input"], r["seed"], r["fraction"]) for r in summary["runs"]]
@@ -99,4 +100,6 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     # The runs read the demo's own models: stage 1 aligned on the demo's shards, stage 2 began from it.
     instruct = OmegaConf.load(out / "comprehension" / "codes" / "seed1" / "fraction0.5" / "config.yaml")
     assert instruct.tokenizer.checkpoint == str(out / "vq" / "tokenizer.safetensors") and instruct.data.fraction == 0.5
+    align = OmegaConf.load(out / "comprehension" / "codes" / "seed1" / "align" / "config.yaml")
+    assert (instruct.trainer.max_steps, align.trainer.max_steps) == (3, 2)  # each stage's own overrides come last
     assert instruct.model.init == str(out / "comprehension" / "codes" / "seed1" / "align" / "comprehension.safetensors")

@@ -116,11 +116,12 @@ def run_comprehension(cfg: DictConfig) -> dict[str, Any]:
         visual = input_overrides(kind, demo, options.codes_width)
         for seed in options.seeds:
             align_dir = out / kind / f"seed{seed}" / "align"
-            _, align_seconds = run_training(options.align_experiment, align_dir, [*visual, *common, *shards, f"seed={seed}"])
+            align = [*visual, *common, *shards, f"seed={seed}", *options.align_overrides]
+            _, align_seconds = run_training(options.align_experiment, align_dir, align)
             for fraction in options.fractions:
                 run_dir = out / kind / f"seed{seed}" / f"fraction{fraction}"
                 overrides = [*visual, *common, *instruct_data, f"data.fraction={fraction}", f"seed={seed}",
-                             f"model.init={align_dir / 'comprehension.safetensors'}"]  # fmt: skip
+                             f"model.init={align_dir / 'comprehension.safetensors'}", *options.instruct_overrides]  # fmt: skip
                 metrics, trained = run_training(options.instruct_experiment, run_dir, overrides)
                 began = time.perf_counter()
                 model = load_comprehension(run_dir / "comprehension.safetensors")

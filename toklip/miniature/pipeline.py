@@ -61,7 +61,7 @@ def record_run_config(run_dir: Path, stage_cfg: DictConfig) -> None:
     and scored again), so a directory left by other settings is refused rather than resumed."""
     path = run_dir / "config.yaml"
     if path.is_file() and OmegaConf.to_yaml(OmegaConf.load(path)) != OmegaConf.to_yaml(stage_cfg):
-        raise ConfigError(f"{run_dir} holds a run with other settings; move it away (or choose another generation.demo_dir) to run these")
+        raise ConfigError(f"{run_dir} holds a run with other settings; move it away (or run on another demo output) to run these")
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(stage_cfg, path)
 
