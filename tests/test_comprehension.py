@@ -151,6 +151,7 @@ def test_a_tiny_mllm_on_vq_codes_overfits_a_handful_of_questions(tiny_lm, frozen
 def test_a_feature_memo_encodes_each_image_once_and_changes_nothing(toklip_export):
     plain = build_visual_input({"kind": "toklip", "checkpoint": toklip_export}, 64)
     memo = build_visual_input({"kind": "toklip", "checkpoint": toklip_export, "memo": 8}, 64)
+    memo.position_embedding = plain.position_embedding
     calls = []
     encode = memo.encode_frozen
     memo.encode_frozen = lambda images: calls.append(len(images)) or encode(images)
@@ -160,6 +161,23 @@ def test_a_feature_memo_encodes_each_image_once_and_changes_nothing(toklip_expor
     assert calls == [4]  # the second call found both images
     memo(torch.rand(6, 3, 64, 64))
     assert len(memo.memo.entries) == 8  # the least recently used went
+
+
+def test_every_visual_input_adds_a_learned_embedding_of_its_tokens_places(toklip_export, frozen_parts):
+    teacher, vq, _ = frozen_parts
+    specs = {
+        "toklip": {"checkpoint": toklip_export},
+        "codes": {"tokenizer": "llamagen_tiny", "checkpoint": vq, "width": 16},
+        "teacher": {"model": "tiny_teacher_64", "checkpoint": teacher},
+    }
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    for kind, spec in specs.items():
+        placed = build_visual_input({"kind": kind, **spec}, 64)
+        assert placed.position_embedding.shape == (placed.num_tokens, placed.width) and placed.position_embedding.requires_grad
+        with torch.no_grad():
+            torch.testing.assert_close(placed(images), placed.adapt(placed.encode_frozen(images)) + placed.position_embedding)
+        plain = build_visual_input({"kind": kind, **spec, "position_embedding": False}, 64)
+        assert plain.position_embedding is None and "position_embedding" not in dict(plain.named_parameters())
 
 
 def test_the_conversation_and_question_readers_name_a_malformed_record(tmp_path):
@@ -239,14 +257,15 @@ def test_align_on_caption_shards_then_instruct_on_conversations_then_ask(tmp_pat
     assert description["stage"] == "align" and description["vision_input"]["kind"] == "toklip"
     from safetensors.torch import load_file
 
-    assert {k.split(".")[0] for k in load_file(aligned)} == {"projector"}  # the LM was frozen: not saved
+    aligned_keys = {"vision.position_embedding", *(f"projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias"))}
+    assert set(load_file(aligned)) == aligned_keys  # the LM was frozen: not saved
 
     instruct = [*common, "data=conversations", f"data.conversations={questions / 'train.json'}", f"data.image_folder={questions / 'images'}",
                 f"model.init={aligned}", "trainer.precision=bf16-mixed"]  # fmt: skip
     train(compose(tmp_path / "instruct", instruct))
     exported = tmp_path / "instruct" / "comprehension.safetensors"
     saved = load_file(exported)
-    assert {k.split(".")[0] for k in saved} == {"projector", "language_model"}
+    assert {k.split(".")[0] for k in saved} == {"projector", "language_model", "vision"}
     model = load_comprehension(exported)
     assert all(saved[k].equal(v) for k, v in model.state_dict().items() if k in saved)
     # The instruct stage started from the aligned projector.
@@ -301,7 +320,8 @@ def test_lora_trains_adapters_only_and_its_export_answers_as_the_module_did(tmp_
         image_size=64,
     )
     trained = [name for name, p in module.model.named_parameters() if p.requires_grad]
-    assert trained and all("lora_" in name or name.startswith("projector.") for name in trained)
+    assert trained and all("lora_" in name or name.split(".")[0] in ("projector", "vision") for name in trained)
+    assert [name for name in trained if name.startswith("vision.")] == ["vision.position_embedding"]
     for name, parameter in module.model.named_parameters():  # as if trained: adapters that change the answers
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.5)

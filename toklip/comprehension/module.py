@@ -1,6 +1,6 @@
 """ComprehensionModule: trains a VisualLanguageModel in LLaVA's two stages; `load_comprehension` reads its export.
 
-- `align`: the projector alone (and the `codes` input's embedding) learns to caption, the LM frozen;
+- `align`: the projector alone (and the visual input's own embeddings) learns to caption, the LM frozen;
 - `instruct`: projector and LM learn to answer (the whole LM, or LoRA adapters through peft), starting
   from an `align` export (`init`).
 The loss is the LM's next-token loss on answer tokens only. Frozen weights (the visual encoder, an LM

@@ -6,8 +6,8 @@
 - `teacher`: the frozen teacher's patch features (a continuous CLIP encoder: the upper bound).
 
 Every input reads images in the VQ tokenizer's [-1, 1] range at `image_size` (the teacher resizes to
-its own size). Frozen weights are re-read from their files and never saved with the model; only the
-`codes` embedding trains. The frozen encoder's outputs can be memoised (`memo`: how many images): an
+its own size). Frozen weights are re-read from their files and never saved with the model; what trains
+is the `codes` embedding and each input's place embedding (`position_embedding`). The frozen encoder's outputs can be memoised (`memo`: how many images): an
 image seen again (another epoch, a small training set) is then not encoded again.
 """
 
@@ -49,16 +49,25 @@ class FeatureMemo:
 
 class VisualInput(nn.Module):
     """Images (B, 3, H, W) in [-1, 1] -> features (B, num_tokens, width): a frozen encoder
-    (`encode_frozen`), then what trains on its output (`adapt`; nothing by default)."""
+    (`encode_frozen`), then what trains on its output (`adapt`; nothing by default), plus, with
+    `position_embedding`, a learned embedding of each token's place. Every input has one by default, so
+    that all three give the LM the same means of finding a place (codes have no other)."""
 
     kind: str
     width: int
     num_tokens: int
 
-    def __init__(self, image_size: int, memo: int = 0) -> None:
+    def __init__(self, image_size: int, memo: int = 0, position_embedding: bool = True) -> None:
         super().__init__()
         self.image_size = image_size
         self.memo = FeatureMemo(memo) if memo else None
+        self.learns_places = position_embedding
+        self.position_embedding: nn.Parameter | None = None
+
+    def _learn_places(self) -> None:
+        """Called once `width` and `num_tokens` are known: the learned place embedding, when asked for."""
+        if self.learns_places:
+            self.position_embedding = nn.Parameter(torch.randn(self.num_tokens, self.width) * 0.02)
 
     def encode_frozen(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -69,7 +78,8 @@ class VisualInput(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             frozen = self.encode_frozen(images) if self.memo is None else self.memo(images, self.encode_frozen)
-        return self.adapt(frozen)
+        features = self.adapt(frozen)
+        return features if self.position_embedding is None else features + self.position_embedding.to(features.dtype)
 
     def frozen_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes (below this module) of the frozen weights: re-read, never saved."""
@@ -85,12 +95,13 @@ class VisualInput(nn.Module):
 class TokLIPFeatures(VisualInput):
     kind = "toklip"
 
-    def __init__(self, checkpoint: str | os.PathLike, image_size: int, memo: int = 0) -> None:
-        super().__init__(image_size, memo)
+    def __init__(self, checkpoint: str | os.PathLike, image_size: int, memo: int = 0, position_embedding: bool = True) -> None:
+        super().__init__(image_size, memo, position_embedding)
         self.toklip = load_toklip(checkpoint).requires_grad_(False)
         if self.toklip.image_size != image_size:
             raise ValueError(f"vision_input: the TokLIP model {checkpoint} reads {self.toklip.image_size} px images, not {image_size}")
         self.width, self.num_tokens = self.toklip.embed_dim, self.toklip.visual.trunk.num_tokens
+        self._learn_places()
 
     def encode_frozen(self, images: torch.Tensor) -> torch.Tensor:
         return self.toklip.token_features(images)
@@ -100,26 +111,33 @@ class TokLIPFeatures(VisualInput):
 
 
 class CodeEmbedding(VisualInput):
-    """A learned embedding of each token's VQ index, plus a learned embedding of its place (as a ViT's
-    patch embedding has; the TokLIP and teacher features carry theirs)."""
+    """A learned embedding of each token's VQ index."""
 
     kind = "codes"
 
-    def __init__(self, tokenizer: str, checkpoint: str | os.PathLike | None, image_size: int, width: int, memo: int = 0) -> None:
-        super().__init__(image_size, memo)
+    def __init__(
+        self,
+        tokenizer: str,
+        checkpoint: str | os.PathLike | None,
+        image_size: int,
+        width: int,
+        memo: int = 0,
+        position_embedding: bool = True,
+    ) -> None:
+        super().__init__(image_size, memo, position_embedding)
         if checkpoint is None:
             raise ValueError("vision_input=codes reads the VQ tokenizer's codes: give its weights (tokenizer.checkpoint)")
         self.vq = build_tokenizer(tokenizer, checkpoint, source="vision_input.checkpoint").requires_grad_(False)
         height, breadth = self.vq.grid(image_size)
         self.width, self.num_tokens = width, height * breadth
         self.embedding = nn.Embedding(self.vq.codebook_size, width)
-        self.position_embedding = nn.Parameter(torch.randn(self.num_tokens, width) * 0.02)
+        self._learn_places()
 
     def encode_frozen(self, images: torch.Tensor) -> torch.Tensor:
         return self.vq.encode(images).indices.flatten(1)
 
     def adapt(self, frozen: torch.Tensor) -> torch.Tensor:
-        return self.embedding(frozen) + self.position_embedding
+        return self.embedding(frozen)
 
     def frozen_prefixes(self) -> tuple[str, ...]:
         return ("vq.",)
@@ -128,12 +146,15 @@ class CodeEmbedding(VisualInput):
 class TeacherFeatures(VisualInput):
     kind = "teacher"
 
-    def __init__(self, model: str, checkpoint: str | os.PathLike | None, image_size: int, memo: int = 0) -> None:
-        super().__init__(image_size, memo)
+    def __init__(
+        self, model: str, checkpoint: str | os.PathLike | None, image_size: int, memo: int = 0, position_embedding: bool = True
+    ) -> None:
+        super().__init__(image_size, memo, position_embedding)
         self.teacher = Teacher(model, teacher_state_dict(model, checkpoint, source="vision_input.checkpoint"), where="vision_input")
         trunk = self.teacher.visual.trunk
         self.prefix_tokens = getattr(trunk, "num_prefix_tokens", 0)  # class / register tokens are not patches
         self.width, self.num_tokens = trunk.embed_dim, trunk.patch_embed.num_patches
+        self._learn_places()
 
     def encode_frozen(self, images: torch.Tensor) -> torch.Tensor:
         return self.teacher.patch_tokens(images)[:, self.prefix_tokens :]
