@@ -15,6 +15,9 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
 # The encode job's batches carry their parts and keys; its writer needs no sampler indices.
 warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fetched from your dataloader", category=UserWarning)
+# The generator and comprehension modules are scored on their exports after training, not by a val loop;
+# the data modules they share with TokLIP runs still offer theirs.
+warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
 # A mid-epoch resume is exact: TokLIPDataModule.state_dict / load_state_dict carry the stream's position.
 warnings.filterwarnings(
     "ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended", category=PossibleUserWarning
