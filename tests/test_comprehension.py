@@ -384,3 +384,20 @@ def test_fsdp_wraps_each_decoder_layer_of_any_hugging_face_lm():
     policy = ModuleWrapPolicy(WRAP_UNITS)
     wrapped = [m for m in qwen.modules() if policy(m, recurse=False, nonwrapped_numel=0)]
     assert wrapped == list(qwen.model.layers)
+
+
+def test_an_export_of_other_sizes_is_refused_naming_the_weights(tmp_path, tiny_lm, frozen_parts):
+    from toklip.comprehension import ComprehensionModule, load_comprehension
+    from toklip.config import ConfigError
+
+    def module(width: int, init=None) -> ComprehensionModule:
+        codes = {"kind": "codes", "tokenizer": "llamagen_tiny", "checkpoint": str(frozen_parts[1]), "width": width}
+        return ComprehensionModule({"path": str(tiny_lm)}, codes, image_size=64, stage="align", init=init)
+
+    module(16).export(tmp_path / "comprehension.safetensors")
+    with pytest.raises(ConfigError, match=r"other sizes .*vision\.embedding\.weight \(1024, 16\) vs \(1024, 32\)"):
+        module(32, init=tmp_path / "comprehension.safetensors")
+    description = tmp_path / "comprehension.json"
+    description.write_text(description.read_text().replace('\\"width\\": 16', '\\"width\\": 32'))
+    with pytest.raises(ValueError, match=r"other shapes .*vision\.embedding"):
+        load_comprehension(tmp_path / "comprehension.safetensors")

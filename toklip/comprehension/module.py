@@ -74,12 +74,19 @@ def trained_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor] | Non
     return {k: v for k, v in state.items() if k in trained}
 
 
+def misshapen(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The entries of `state` whose shape is not the model's, as 'key (saved) vs (model)'."""
+    own = model.state_dict()
+    return [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+
+
 def load_trained(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
-    """Load exactly the trained parameters: a key the model does not train, or a trained one absent, is an error."""
+    """Load exactly the trained parameters: a key the model does not train, a trained one absent, or
+    one of another shape, is an error."""
     expected = set(trained_state_dict(model))
-    unexpected, missing = sorted(set(state) - expected), sorted(expected - set(state))
-    if unexpected or missing:
-        raise ValueError(f"{where}: does not fit this model: missing {missing[:8]}, unexpected {sorted(unexpected)[:8]}")
+    unexpected, missing, wrong = sorted(set(state) - expected), sorted(expected - set(state)), misshapen(model, state)
+    if unexpected or missing or wrong:
+        raise ValueError(f"{where}: does not fit this model: missing {missing[:8]}, unexpected {unexpected[:8]}, other shapes {wrong[:8]}")
     model.load_state_dict(state, strict=False)
 
 
@@ -130,7 +137,11 @@ class ComprehensionModule(ExportableModule, L.LightningModule):
         missing = sorted(k for k in trained - set(state) if not k.startswith("language_model."))  # an align export has no LM
         if missing:
             raise ConfigError(f"model.init={path}: lacks {', '.join(missing[:8])}")
-        self.model.load_state_dict({k: v for k, v in state.items() if k in trained}, strict=False)
+        kept = {k: v for k, v in state.items() if k in trained}
+        wrong = misshapen(self.model, kept)
+        if wrong:
+            raise ConfigError(f"model.init={path}: was trained with other sizes (saved vs this run): {', '.join(wrong[:8])}")
+        self.model.load_state_dict(kept, strict=False)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"])
