@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..checkpoints import StateDict, read_checkpoint, read_sidecar
+from ..checkpoints import LoadReport, StateDict, compare_state_dict, read_checkpoint, read_sidecar
 from ..config import ConfigError, group_settings, settings_from_group
 from ..training.callbacks import ExportableModule
 from ..training.optim import AdamWCosine
@@ -74,19 +74,17 @@ def trained_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor] | Non
     return {k: v for k, v in state.items() if k in trained}
 
 
-def misshapen(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
-    """The entries of `state` whose shape is not the model's, as 'key (saved) vs (model)'."""
-    own = model.state_dict()
-    return [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
-
-
 def load_trained(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
     """Load exactly the trained parameters: a key the model does not train, a trained one absent, or
     one of another shape, is an error."""
     expected = set(trained_state_dict(model))
-    unexpected, missing, wrong = sorted(set(state) - expected), sorted(expected - set(state)), misshapen(model, state)
-    if unexpected or missing or wrong:
-        raise ValueError(f"{where}: does not fit this model: missing {missing[:8]}, unexpected {unexpected[:8]}, other shapes {wrong[:8]}")
+    report = LoadReport(
+        missing=sorted(expected - set(state)),
+        unexpected=sorted(set(state) - expected),
+        mismatched=compare_state_dict(model, state).mismatched,
+    )
+    if not report.ok:
+        raise ValueError(f"{where}: does not fit this model:\n{report.describe(limit=8)}")
     model.load_state_dict(state, strict=False)
 
 
@@ -138,9 +136,10 @@ class ComprehensionModule(ExportableModule, L.LightningModule):
         if missing:
             raise ConfigError(f"model.init={path}: lacks {', '.join(missing[:8])}")
         kept = {k: v for k, v in state.items() if k in trained}
-        wrong = misshapen(self.model, kept)
-        if wrong:
-            raise ConfigError(f"model.init={path}: was trained with other sizes (saved vs this run): {', '.join(wrong[:8])}")
+        mismatched = compare_state_dict(self.model, kept).mismatched
+        if mismatched:
+            sizes = LoadReport(mismatched=mismatched).describe(limit=8)
+            raise ConfigError(f"model.init={path}: was trained with other sizes than this run's: {sizes}")
         self.model.load_state_dict(kept, strict=False)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
