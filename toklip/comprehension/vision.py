@@ -7,8 +7,9 @@
 
 Every input reads images in the VQ tokenizer's [-1, 1] range at `image_size` (the teacher resizes to
 its own size). Frozen weights are re-read from their files and never saved with the model; what trains
-is the `codes` embedding and each input's place embedding (`position_embedding`). The frozen encoder's outputs can be memoised (`memo`: how many images): an
-image seen again (another epoch, a small training set) is then not encoded again.
+is the `codes` embedding and each input's place embedding (`position_embedding`). The frozen encoder's
+outputs can be memoised (`memo`: how many images): an image seen again (another epoch, a small training
+set) is then not encoded again.
 """
 
 from __future__ import annotations
@@ -57,16 +58,15 @@ class VisualInput(nn.Module):
     width: int
     num_tokens: int
 
-    def __init__(self, image_size: int, memo: int = 0, position_embedding: bool = True) -> None:
+    def __init__(self, image_size: int, memo: int = 0) -> None:
         super().__init__()
         self.image_size = image_size
         self.memo = FeatureMemo(memo) if memo else None
-        self.learns_places = position_embedding
         self.position_embedding: nn.Parameter | None = None
 
-    def _learn_places(self) -> None:
+    def _learn_places(self, enabled: bool) -> None:
         """Called once `width` and `num_tokens` are known: the learned place embedding, when asked for."""
-        if self.learns_places:
+        if enabled:
             self.position_embedding = nn.Parameter(torch.randn(self.num_tokens, self.width) * 0.02)
 
     def encode_frozen(self, images: torch.Tensor) -> torch.Tensor:
@@ -96,12 +96,12 @@ class TokLIPFeatures(VisualInput):
     kind = "toklip"
 
     def __init__(self, checkpoint: str | os.PathLike, image_size: int, memo: int = 0, position_embedding: bool = True) -> None:
-        super().__init__(image_size, memo, position_embedding)
+        super().__init__(image_size, memo)
         self.toklip = load_toklip(checkpoint).requires_grad_(False)
         if self.toklip.image_size != image_size:
             raise ValueError(f"vision_input: the TokLIP model {checkpoint} reads {self.toklip.image_size} px images, not {image_size}")
         self.width, self.num_tokens = self.toklip.embed_dim, self.toklip.visual.trunk.num_tokens
-        self._learn_places()
+        self._learn_places(position_embedding)
 
     def encode_frozen(self, images: torch.Tensor) -> torch.Tensor:
         return self.toklip.token_features(images)
@@ -124,14 +124,14 @@ class CodeEmbedding(VisualInput):
         memo: int = 0,
         position_embedding: bool = True,
     ) -> None:
-        super().__init__(image_size, memo, position_embedding)
+        super().__init__(image_size, memo)
         if checkpoint is None:
             raise ValueError("vision_input=codes reads the VQ tokenizer's codes: give its weights (tokenizer.checkpoint)")
         self.vq = build_tokenizer(tokenizer, checkpoint, source="vision_input.checkpoint").requires_grad_(False)
         height, breadth = self.vq.grid(image_size)
         self.width, self.num_tokens = width, height * breadth
         self.embedding = nn.Embedding(self.vq.codebook_size, width)
-        self._learn_places()
+        self._learn_places(position_embedding)
 
     def encode_frozen(self, images: torch.Tensor) -> torch.Tensor:
         return self.vq.encode(images).indices.flatten(1)
@@ -149,12 +149,12 @@ class TeacherFeatures(VisualInput):
     def __init__(
         self, model: str, checkpoint: str | os.PathLike | None, image_size: int, memo: int = 0, position_embedding: bool = True
     ) -> None:
-        super().__init__(image_size, memo, position_embedding)
+        super().__init__(image_size, memo)
         self.teacher = Teacher(model, teacher_state_dict(model, checkpoint, source="vision_input.checkpoint"), where="vision_input")
         trunk = self.teacher.visual.trunk
         self.prefix_tokens = getattr(trunk, "num_prefix_tokens", 0)  # class / register tokens are not patches
         self.width, self.num_tokens = trunk.embed_dim, trunk.patch_embed.num_patches
-        self._learn_places()
+        self._learn_places(position_embedding)
 
     def encode_frozen(self, images: torch.Tensor) -> torch.Tensor:
         return self.teacher.patch_tokens(images)[:, self.prefix_tokens :]
