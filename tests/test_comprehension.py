@@ -305,6 +305,61 @@ def test_align_on_caption_shards_then_instruct_on_conversations_then_ask(tmp_pat
     assert isinstance(ask(ask_cfg)["answer"], str)
 
 
+def test_a_conversation_epoch_resumed_mid_way_neither_replays_nor_skips_a_record(tmp_path, tiny_lm):
+    from toklip.comprehension.data import ConversationDataModule, EpochShuffle
+
+    root = write_question_set(tmp_path / "set", QuestionSetConfig(train_images=16, test_images=1, image_size=32))
+
+    def make():
+        data = ConversationDataModule(
+            root / "train.json", root / "images", tokenizer=tiny_lm, image_size=32, batch_size_per_device=4, num_workers=0, seed=3
+        )
+        data.setup("fit")
+        return data, data.train_dataloader()
+
+    def epoch(data, loader, number, stop=None):
+        data.sampler.set_epoch(number)  # as Lightning does
+        batches = []
+        for batch in loader:
+            batches.append(tuple(data.on_before_batch_transfer(batch, 0)["image"].sum(dim=(1, 2, 3)).tolist()))
+            if len(batches) == stop:
+                break
+        return batches
+
+    data, loader = make()
+    full = epoch(data, loader, 0) + epoch(data, loader, 1)
+    first, loader = make()
+    head = epoch(first, loader, 0, stop=3)
+    assert first.state_dict() == {"epoch": 0, "batches": 3}
+    resumed, loader = make()
+    resumed.load_state_dict(first.state_dict())
+    tail = epoch(resumed, loader, 0) + epoch(resumed, loader, 1)
+    assert len(full) == 8 and head + tail == full
+    assert full[:4] != full[4:] and sorted(sum(full[:4], ())) == sorted(sum(full[4:], ()))  # a new order of the same records
+    ranks = [list(EpochShuffle(range(10), seed=3, rank=rank, world_size=2)) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5 and sorted(ranks[0] + ranks[1]) == list(range(10))
+
+
+def test_an_instruct_run_resumed_mid_epoch_ends_where_the_uninterrupted_run_does(tmp_path, tiny_lm, toklip_export):
+    from safetensors.torch import load_file
+
+    from toklip.tasks import train
+
+    questions = write_question_set(tmp_path / "set", QuestionSetConfig(train_images=16, test_images=1, image_size=64))
+    run = [
+        "model=comprehension", "eval=none", f"llm.path={tiny_lm}", f"vision_input.checkpoint={toklip_export}", "data=conversations",
+        f"data.conversations={questions / 'train.json'}", f"data.image_folder={questions / 'images'}", "data.num_workers=0",
+        "data.batch_size_per_device=4", "optim.warmup_steps=1", "optim.total_steps=6", "callbacks.checkpoint.every_n_train_steps=3",
+    ]  # fmt: skip
+    train(compose(tmp_path / "whole", [*run, "trainer.max_steps=6"]))  # 4 batches an epoch: step 3 is mid-epoch
+    train(compose(tmp_path / "parts", [*run, "trainer.max_steps=3"]))
+    saved = torch.load(tmp_path / "parts" / "checkpoints" / "step00000003.ckpt", weights_only=True)
+    assert saved["ConversationDataModule"] == {"epoch": 0, "batches": 3}
+    train(compose(tmp_path / "parts", [*run, "trainer.max_steps=6", "resume=latest"]))
+    whole, parts = load_file(tmp_path / "whole" / "comprehension.safetensors"), load_file(tmp_path / "parts" / "comprehension.safetensors")
+    assert whole.keys() == parts.keys() and all(torch.allclose(whole[k], parts[k], atol=1e-6) for k in whole)
+
+
 def vq_checkpoint(tmp_path):
     from toklip.checkpoints import save_safetensors
 

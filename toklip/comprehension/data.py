@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,13 +19,14 @@ from typing import Any
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from ..data.datamodule import TokLIPDataModule
 from ..data.samples import DEFAULT_MAX_IMAGE_PIXELS, SkippedSample, caption_of, image_bytes, open_image
 from ..data.scene_questions import CAPTION_INSTRUCTION
 from ..data.transforms import eval_transform, preprocess_config
 from ..data.workers import SignalSafeLoader
+from ..distributed import rank_and_world
 from .conversation import Conversation, PromptFormat, caption_conversation, pad_batch, read_conversations
 from .language_model import load_tokenizer
 
@@ -105,10 +106,29 @@ def subset(items: Sequence[Any], fraction: float, seed: int) -> list[Any]:
     return [items[i] for i in sorted(order[: math.ceil(fraction * len(items))])]
 
 
+class EpochShuffle(DistributedSampler):
+    """This rank's share of a shuffle drawn from (seed, epoch), which a resumed run enters past the samples
+    its checkpoint had used (`resume_at`). A DistributedSampler, so that Lightning keeps it under DDP and
+    calls its `set_epoch`; each epoch's order is a function of the seed alone, so a resumed run can
+    draw it again."""
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.resume_at: tuple[int, int] | None = None  # (epoch, samples of this rank used in it)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            indices = indices[self.resume_at[1] :]
+            self.resume_at = None
+        return iter(indices)
+
+
 class ConversationDataModule(L.LightningDataModule):
     """Instruction tuning data: a LLaVA conversation file, its images under `image_folder`, tokenized
     by the LM's tokenizer (`tokenizer`: the LM's directory). `fraction` trains on a seeded subset of
-    the records (the miniature's data-efficiency curve)."""
+    the records (the miniature's data-efficiency curve). Each epoch is a seeded shuffle; `state_dict`
+    holds how far into it training got, so a run resumed mid-epoch neither replays nor skips a record."""
 
     def __init__(
         self,
@@ -131,6 +151,8 @@ class ConversationDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size_per_device, num_workers
         self.max_length, self.max_image_pixels = max_length, max_image_pixels
         self.dataset: ConversationDataset | None = None
+        self.sampler: EpochShuffle | None = None
+        self._position = (0, 0)  # (epoch, batches this rank has trained on in it)
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
@@ -148,10 +170,35 @@ class ConversationDataModule(L.LightningDataModule):
         self.pad_token_id = tokenizer.pad_token_id
 
     def train_dataloader(self) -> SignalSafeLoader:
+        self.sampler = EpochShuffle(self.dataset, self.seed, *rank_and_world())
+        self._resume_sampler()
         return SignalSafeLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers,
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True, num_workers=self.num_workers,
             collate_fn=PadTo(self.pad_token_id), persistent_workers=self.num_workers > 0,
         )  # fmt: skip
+
+    # ---- data position ----------------------------------------------------------------------------
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Counts the batches training takes (called once for each, as it is trained on)."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else self.sampler.epoch
+        batches = self._position[1] if epoch == self._position[0] else 0
+        self._position = (epoch, batches + 1)
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the batches of it trained on, the same on every rank."""
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._position = (state_dict["epoch"], state_dict["batches"])
+        self._resume_sampler()
+
+    def _resume_sampler(self) -> None:
+        if self.sampler is not None and self._position[1]:
+            epoch, batches = self._position
+            self.sampler.resume_at = (epoch, batches * self.batch_size)
 
 
 @dataclass

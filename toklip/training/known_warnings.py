@@ -18,7 +18,8 @@ warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fet
 # The generator and comprehension modules are scored on their exports after training, not by a val loop;
 # the data modules they share with TokLIP runs still offer theirs.
 warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
-# A mid-epoch resume is exact: TokLIPDataModule.state_dict / load_state_dict carry the stream's position.
+# A mid-epoch resume is exact: the data modules' state_dict / load_state_dict carry their position
+# (TokLIPDataModule's in its streams, ConversationDataModule's in its epoch's shuffle).
 warnings.filterwarnings(
     "ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended", category=PossibleUserWarning
 )
