@@ -1,5 +1,6 @@
 """The data layer: shards, splitting, skips, transforms, evaluation sets, the synthetic generator."""
 
+import importlib
 import io
 import json
 import logging
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 import zlib
 from collections import Counter
 
@@ -26,6 +28,7 @@ from toklip.data.eval_sets import RetrievalSet, ZeroShotSet, read_retrieval_anno
 from toklip.data.samples import SkippedSample, open_image
 from toklip.data.synthetic import COLOURS, SyntheticConfig
 from toklip.data.transforms import eval_transform, preprocess_config
+from toklip.training import known_warnings
 
 
 def png(colour=(10, 20, 30), size=(8, 8), mode="RGB") -> bytes:
@@ -456,6 +459,16 @@ def test_skips_after_the_last_full_batch_are_counted_in_every_worker(tmp_path, n
         "no_label": 0,
         "bad_shard": 0,
     }
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_workers_closing_reports_raise_no_length_warning(eighty, num_workers):
+    importlib.reload(known_warnings)  # pytest drops the filters that importing toklip installed at collection
+    loader = datamodule(eighty, train_num_samples=80, num_workers=num_workers).train_loader()
+    with warnings.catch_warnings(record=True) as caught:
+        batches = list(loader)  # list() asks len(loader) first, as Lightning does
+    assert len(batches) == len(loader) == 16
+    assert [str(w.message) for w in caught] == []
 
 
 def test_an_epoch_that_delivers_nothing_fails_with_the_reasons(tmp_path):

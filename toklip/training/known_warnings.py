@@ -13,6 +13,9 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training", category=PossibleUserWarning)
 # ShardStream splits its shards by rank and worker itself and caps each worker's batches, so its __len__ holds.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
+# Each worker's closing report of its skips is an item the loader fetches and hides (`_EpochLoader`); torch
+# counts it against that __len__ and warns of a length that is right.
+warnings.filterwarnings("ignore", message=r"Length of IterableDataset <toklip\.data\.stream\.ShardStream ", category=UserWarning)
 # The encode job's batches carry their parts and keys; its writer needs no sampler indices.
 warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fetched from your dataloader", category=UserWarning)
 # The generator and comprehension modules are scored on their exports after training, not by a val loop;
