@@ -24,6 +24,7 @@ from toklip.comprehension import (
 )
 from toklip.comprehension.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from toklip.comprehension.data import ConversationEncoder, collate_conversations
+from toklip.data import synthetic
 from toklip.data.scene_questions import QuestionSetConfig, write_question_set
 
 WORDS = ["what colour is it ? how many shapes are there red green blue yellow one two describe the image briefly ."]
@@ -220,6 +221,16 @@ def test_scene_questions_ask_what_the_scene_shows(tmp_path):
     assert len(background) == 4 and set(background) <= {"black", "gray", "white"}
     again = write_question_set(tmp_path / "set", QuestionSetConfig(train_images=6, test_images=4, image_size=32))
     assert (again / "test.jsonl").read_text() == (root / "test.jsonl").read_text()
+
+
+def test_a_question_set_drawn_with_another_scene_vocabulary_is_drawn_again(tmp_path, monkeypatch):
+    cfg = QuestionSetConfig(train_images=2, test_images=1, image_size=32)
+    image = write_question_set(tmp_path, cfg) / "images" / "test_000000.jpg"
+    shaded = image.read_bytes()
+    assert write_question_set(tmp_path, cfg) and image.read_bytes() == shaded  # the same vocabulary: kept
+    monkeypatch.setattr(synthetic, "BACKGROUND_SHADING", 0)  # as an older toklip drew them
+    write_question_set(tmp_path, cfg)
+    assert image.read_bytes() != shaded
 
 
 def compose(run_dir, overrides):

@@ -14,7 +14,6 @@ import tarfile
 import time
 import warnings
 import zlib
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -410,19 +409,38 @@ def test_synthetic_set_is_cached_by_its_parameters(tmp_path):
         make_synthetic(tmp_path, SyntheticConfig(**{**SMALL.__dict__, "seed": 3}))
 
 
-def test_a_set_drawn_with_another_scene_vocabulary_is_not_reused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("older", ["sizes", "flat backgrounds"])
+def test_a_set_drawn_with_another_scene_vocabulary_is_not_reused(tmp_path, monkeypatch, older):
     make_synthetic(tmp_path, SMALL)
-    monkeypatch.setitem(synthetic.SIZES, "small", 0.1)  # as an older toklip drew them
+    if older == "sizes":
+        monkeypatch.setitem(synthetic.SIZES, "small", 0.1)
+    else:
+        monkeypatch.setattr(synthetic, "BACKGROUND_SHADING", 0)
     with pytest.raises(FileExistsError, match="scene vocabulary"):
         make_synthetic(tmp_path, SMALL)
+
+
+@pytest.mark.parametrize("background", sorted(synthetic.BACKGROUNDS))
+def test_backgrounds_are_their_colour_under_smooth_uneven_light(background):
+    def draw(index: int) -> np.ndarray:
+        rng = synthetic.scene_rng(0, "test", index)
+        return np.asarray(synthetic.render(synthetic.Scene(background, ()), 32, rng)).astype(int)
+
+    pixels = draw(0)
+    assert np.ptp(pixels, axis=2).max() <= 1  # a gray: the light changes brightness, not hue
+    brightness = pixels[..., 0] - synthetic.BACKGROUNDS[background][0]
+    assert np.abs(brightness).max() <= 1.5 * synthetic.BACKGROUND_SHADING  # bicubic smoothing overshoots the grid a little
+    assert np.ptp(brightness) >= 10  # uneven
+    steps = np.abs(np.concatenate([np.diff(brightness, axis=0).ravel(), np.diff(brightness, axis=1).ravel()]))
+    assert steps.max() <= 10  # smooth: no edge that could pass for a shape's
+    assert not np.array_equal(pixels, draw(1))  # each image is lit its own way
 
 
 def test_synthetic_colours_are_drawn_as_named(tmp_path):
     paths = make_synthetic(tmp_path, SMALL)
     for folder, name in zip(sorted(p for p in paths.zeroshot.iterdir() if p.is_dir()), ZeroShotSet(paths.zeroshot, lambda x: x).classnames):
         pixels = np.asarray(Image.open(next(folder.glob("*.jpg")))).reshape(-1, 3).astype(int)
-        background = Counter(map(tuple, pixels)).most_common(1)[0][0]
-        shape = pixels[np.abs(pixels - background).sum(1) > 60]
+        shape = pixels[np.ptp(pixels, axis=1) > 60]  # every background is a gray, every shape colour a saturated one
         mean = shape.mean(0)
         colour = name.split()[0]
         assert colour in folder.name

@@ -16,7 +16,7 @@ Layout written by `write_question_set(root, ...)`:
     root/train.json      LLaVA conversations: each training image with all its questions, in random order
     root/captions.json   the same images' captions, as LLaVA's caption records
     root/test.jsonl      the held-out images' questions, one a line, with their type
-    root/manifest.json   the parameters; an equal one means the set is already there
+    root/manifest.json   the parameters and scene vocabulary; an equal one means the set is already there
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .synthetic import POSITIONS, Scene, random_scene, render, scene_rng
+from .synthetic import POSITIONS, Scene, random_scene, render, scene_rng, scene_vocabulary
 
 CAPTION_INSTRUCTION = "Describe the image briefly."  # LLaVA's pretraining records ask for a caption in such words
 QUESTION_TYPES = ("colour", "size", "shape", "background", "count", "position")
@@ -76,7 +76,8 @@ def _draw(root: Path, cfg: QuestionSetConfig, split: str, index: int) -> tuple[s
 def write_question_set(root: str | Path, cfg: QuestionSetConfig = QuestionSetConfig()) -> Path:
     """Write (or find already written, for the same parameters) a question set under `root`."""
     root = Path(root)
-    manifest, wanted = root / "manifest.json", json.dumps(asdict(cfg), sort_keys=True)
+    manifest = root / "manifest.json"
+    wanted = json.dumps({**asdict(cfg), "vocabulary": scene_vocabulary()}, sort_keys=True)
     if manifest.is_file() and manifest.read_text() == wanted:
         return root
     manifest.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Procedurally drawn scenes with compositional captions: shards, a zero-shot set, a retrieval set.
 
-A scene is one to three shapes (shape x colour x size x position) on a plain background; its caption
+A scene is one to three shapes (shape x colour x size x position) on an unevenly lit background; its caption
 is read off the same attributes by a small grammar, so image and text agree by construction. Every
 image is a pure function of (seed, split, index): the same seed writes the same bytes.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 from tqdm.auto import tqdm
 
 COLOURS = {
@@ -37,6 +37,7 @@ COLOURS = {
     "purple": (150, 50, 200),
 }
 BACKGROUNDS = {"black": (20, 20, 20), "gray": (128, 128, 128), "white": (240, 240, 240)}
+BACKGROUND_SHADING = 30  # the largest brightness offset in a background's grid of light (see _shaded_background)
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 SIZES = {"small": 0.16, "large": 0.28}  # radius as a fraction of the side; a small shape still spans 2-3 tokens at 32 px
 POSITIONS = {  # centre as fractions of the image side, and how a caption says it
@@ -147,7 +148,7 @@ def _outline(shape: str, cx: float, cy: float, r: float, turn: float) -> list[tu
 def render(scene: Scene, image_size: int, rng: random.Random) -> Image.Image:
     """Draw a scene; positions, sizes and rotations jitter a little, colours a little more."""
     side = image_size * _SUPERSAMPLE
-    image = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
+    image = _shaded_background(BACKGROUNDS[scene.background], side, rng)
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
         (fx, fy), _ = POSITIONS[shape.position]
@@ -158,6 +159,18 @@ def render(scene: Scene, image_size: int, rng: random.Random) -> Image.Image:
         colour = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[shape.colour])
         draw.polygon(_outline(shape.shape, cx, cy, r, turn), fill=colour)
     return image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
+def _shaded_background(colour: tuple[int, int, int], side: int, rng: random.Random) -> Image.Image:
+    """One colour under smooth uneven light: a random 3x3 grid of brightness offsets, interpolated bicubically.
+
+    On a flat background a learned embedding of raw VQ codes reads the background, and a shape's size
+    against it, from a handful of questions: a world no photograph is. Uneven light spreads a background
+    over more codes, as real backgrounds are (the comprehension stage in the README measures both)."""
+    grid = Image.new("L", (3, 3))
+    grid.putdata([128 + rng.randint(-BACKGROUND_SHADING, BACKGROUND_SHADING) for _ in range(9)])
+    shade = grid.resize((side, side), Image.Resampling.BICUBIC)
+    return Image.merge("RGB", [ImageChops.add(Image.new("L", (side, side), c), shade, offset=-128) for c in colour])
 
 
 def _jpeg(image: Image.Image) -> bytes:
@@ -279,11 +292,22 @@ def write_retrieval(paths: SyntheticPaths, cfg: SyntheticConfig) -> None:
     paths.retrieval_captions.write_text("\n".join(lines) + "\n")
 
 
+def scene_vocabulary() -> dict:
+    """What this version of the code draws scenes with: a set drawn with other colours, sizes or shading
+    must not be taken for the current one, so every written set's manifest records it."""
+    return {
+        "colours": COLOURS,
+        "backgrounds": BACKGROUNDS,
+        "background_shading": BACKGROUND_SHADING,
+        "shapes": SHAPES,
+        "sizes": SIZES,
+        "positions": POSITIONS,
+    }
+
+
 def _manifest(cfg: SyntheticConfig) -> dict:
-    """What a written set depends on: its parameters and the scene vocabulary of this version of the code
-    (a set drawn with other colours or sizes must not be taken for the current one)."""
-    vocabulary = {"colours": COLOURS, "backgrounds": BACKGROUNDS, "shapes": SHAPES, "sizes": SIZES, "positions": POSITIONS}
-    return {**dataclasses.asdict(cfg), "vocabulary": vocabulary}
+    """What a written set depends on: its parameters and the scene vocabulary."""
+    return {**dataclasses.asdict(cfg), "vocabulary": scene_vocabulary()}
 
 
 def make_synthetic(root: str | Path, cfg: SyntheticConfig = SyntheticConfig(), *, overwrite: bool = False) -> SyntheticPaths:

@@ -20,7 +20,7 @@ for _name, _config in {
     # Small widths for tests and the CPU miniature: downsample 8, so a 64 px image is 8x8 tokens.
     "llamagen_tiny": ConvVQConfig(codebook_size=1024, base_channels=32, channel_mult=(1, 1, 2, 2), encoder_res_blocks=1, z_channels=64),
     # The CPU miniature's: downsample 4 (a 32 px image is 8x8 tokens), 16 base channels, 32-d codes and
-    # 4096 of them. No GroupNorm: its per-image statistics, taken mostly over a flat background, wash out
+    # 4096 of them. No GroupNorm: its per-image statistics, taken mostly over the background, wash out
     # the shapes' absolute colours (after 500 steps, 22.7 dB and 21% of shapes' colours recovered with
     # 4 groups; 25.7 dB and 45% without).
     "llamagen_tiny_f4": ConvVQConfig(
