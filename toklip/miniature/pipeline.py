@@ -67,8 +67,9 @@ def record_run_config(run_dir: Path, stage_cfg: DictConfig) -> None:
 
 
 def spread(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation and count of a score over seeds."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    """Mean, sample standard deviation, count and range of a score over seeds."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values), "min": min(values), "max": max(values)}
 
 
 def run_stages(cfg: DictConfig, out: Path) -> tuple[dict[str, dict[str, float]], dict[str, float], DictConfig]:

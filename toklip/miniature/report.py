@@ -258,7 +258,9 @@ def comprehension_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, boo
                 difference = summary["differences"].get(pair, {}).get(str(fraction), {}).get(f"accuracy/{kind}")
                 if difference is not None:
                     what = f"{kind}: {pair.replace('-', ' − ')}, share {fraction:g}"
-                    measured = f"{difference['mean']:+.3f} ± {difference['std']:.3f}"
+                    # The range beside the mean: a mean over a few seeds can clear the line on one or two of them.
+                    low, high = difference["min"], difference["max"]
+                    measured = f"{difference['mean']:+.3f} ± {difference['std']:.3f} (seeds {low:+.3f} to {high:+.3f})"
                     rows.append((what, measured, f">= {bound:+.2f}", difference["mean"] >= bound))
     runs, full = summary["runs"], max(summary["fractions"])
     longest = max(max(r["align_seconds"], r["train_seconds"]) for r in runs)
