@@ -22,7 +22,7 @@ import webdataset as wds
 from PIL import Image
 
 import toklip
-from toklip.data import DataQualityError, TokLIPDataModule, make_synthetic, synthetic, to_rgb
+from toklip.data import DataQualityError, TokLIPDataModule, make_synthetic, synthetic, to_rgb, workers
 from toklip.data.eval_sets import RetrievalSet, ZeroShotSet, read_retrieval_annotations
 from toklip.data.samples import SkippedSample, open_image
 from toklip.data.synthetic import COLOURS, SyntheticConfig
@@ -500,19 +500,34 @@ def test_an_epoch_that_delivers_nothing_fails_with_the_reasons(tmp_path):
         list(dm.train_loader())
 
 
-def test_loader_workers_leave_sigterm_to_the_main_process(eighty):
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="only forked workers start with SIGTERM blocked")
+def test_loader_workers_leave_sigterm_to_the_main_process(eighty, monkeypatch):
     # A signal to the whole process group reaches the workers too; the main process stops at a step
-    # boundary and checkpoints, which it cannot do if its workers died under it.
+    # boundary and checkpoints, which it cannot do if its workers died under it. The second worker starts
+    # slowly: CI once signalled one that had not yet come to ignore SIGTERM, and lost it.
+    starting = workers._init_worker
+    monkeypatch.setattr(workers, "_init_worker", lambda worker_id: (time.sleep(worker_id), starting(worker_id)))
     loader = datamodule(eighty, train_num_samples=80, num_workers=2, batch_size_per_device=2).train_loader()
     others = set(multiprocessing.active_children())  # other tests' processes may still be winding down
     batches = iter(loader)
-    first = next(batches)
-    workers = [child for child in multiprocessing.active_children() if child not in others]
-    assert len(workers) == 2
-    for worker in workers:
+    first = next(batches)  # from the first worker, while the second is still starting
+    pool = [child for child in multiprocessing.active_children() if child not in others]
+    assert len(pool) == 2
+    for worker in pool:
         os.kill(worker.pid, signal.SIGTERM)
     time.sleep(0.5)
     assert len([first, *batches]) == len(loader)  # every batch still comes
+
+
+def test_a_sigterm_to_the_main_process_while_it_starts_workers_is_not_lost():
+    received = []
+    handler = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with workers._sigterm_blocked():
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered at once if another thread lets it in
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, handler)
 
 
 @pytest.mark.parametrize("pool", ["live", "lost"])

@@ -7,6 +7,13 @@ by the loader's own shutdown when their iterator goes, and at interpreter exit, 
 exit handler (which would SIGTERM them and wait forever), through that shutdown for every live pool and
 SIGKILL for any worker it left. `toklip.train` shuts its pools down when its fit ends, however it ends.
 A worker still dies with a main process that is killed outright (torch's parent watchdog).
+
+A worker is started with SIGTERM blocked, so a signal that comes before it has set itself to ignore
+SIGTERM waits and is then dropped, instead of killing it. Here the signal is blocked in the starting
+thread only, and only while it starts them: one sent meanwhile still reaches this process's handler,
+through another thread or as the block lifts. Only a worker forked from this process inherits the
+blocked signal: under the "spawn" or "forkserver" start method (Python 3.14's default on Linux) a
+SIGTERM in the moment before a worker ignores it still kills it.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import atexit
 import os
 import signal
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -27,8 +36,18 @@ _workers: list[BaseProcess] = []  # every worker this process started for a Sign
 
 
 def _init_worker(worker_id: int) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drops a SIGTERM that came while it was blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     pl_worker_init_function(worker_id)  # seeded as Lightning seeds workers
+
+
+@contextmanager
+def _sigterm_blocked() -> Iterator[None]:
+    blocked_before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked_before)
 
 
 def _live_workers_of_this_process() -> list[BaseProcess]:
@@ -74,7 +93,9 @@ class SignalSafeLoader(DataLoader):
         super().__init__(*args, **kwargs)
 
     def _get_iterator(self):
-        iterator = super()._get_iterator()
+        starts_ignoring = self.num_workers > 0 and self.worker_init_fn is _init_worker
+        with _sigterm_blocked() if starts_ignoring else nullcontext():  # until each worker ignores it itself
+            iterator = super()._get_iterator()
         if isinstance(iterator, _MultiProcessingDataLoaderIter):
             _live_pools.add(iterator)
             _workers[:] = _live_workers_of_this_process() + iterator._workers
