@@ -93,7 +93,7 @@ class SignalSafeLoader(DataLoader):
         super().__init__(*args, **kwargs)
 
     def _get_iterator(self):
-        starts_ignoring = self.num_workers > 0 and self.worker_init_fn is _init_worker
+        starts_ignoring = self.worker_init_fn is _init_worker  # set by __init__ where there are workers
         with _sigterm_blocked() if starts_ignoring else nullcontext():  # until each worker ignores it itself
             iterator = super()._get_iterator()
         if isinstance(iterator, _MultiProcessingDataLoaderIter):
