@@ -2,6 +2,8 @@
 the generation and comprehension stages on its output."""
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf, open_dict
@@ -9,10 +11,11 @@ from omegaconf import OmegaConf, open_dict
 import toklip
 from toklip.config import ConfigError
 from toklip.generation import load_generator
-from toklip.miniature import run_demo
+from toklip.miniature import pipeline, run_demo
 from toklip.miniature.comprehension import SCORES, run_comprehension, summarise
-from toklip.miniature.generation import run_generation
-from toklip.miniature.report import comprehension_rows
+from toklip.miniature.generation import METRICS, run_generation
+from toklip.miniature.generation import summarise as summarise_generation
+from toklip.miniature.report import comprehension_rows, generation_rows, target_table
 from toklip.models.teacher import Teacher, read_open_clip_state_dict
 
 REDUCED = [
@@ -98,6 +101,12 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert report.count("## Comprehension") == 1 and report.count("## Generation") == 1 and "| toklip − codes | 0.5 |" in report
     assert (out / "comprehension_efficiency.png").is_file()
+    # Again, one input: its finished runs are read back, and keep the seconds they trained in the first call.
+    again = run_comprehension(toklip.compose_config("demo_comprehension", [*comprehension, "comprehension.inputs=[codes]"]))
+    first = [r for r in summary["runs"] if r["input"] == "codes"]
+    seconds = ("align_seconds", "train_seconds")
+    assert [[r[k] for k in seconds] for r in again["runs"]] == [[r[k] for k in seconds] for r in first]
+    assert all(r["train_seconds"] > 0 for r in first)
     # The runs read the demo's own models: stage 1 aligned on the demo's shards, stage 2 began from it.
     instruct = OmegaConf.load(out / "comprehension" / "codes" / "seed1" / "fraction0.5" / "config.yaml")
     assert instruct.tokenizer.checkpoint == str(out / "vq" / "tokenizer.safetensors") and instruct.data.fraction == 0.5
@@ -120,4 +129,51 @@ def test_comprehension_targets_are_judged_on_the_mean_and_show_each_seeds_range(
     rows = {what: (measured, met) for what, measured, _, met in comprehension_rows(summarise(runs) | {"runs": runs})}
     assert rows["background: toklip − codes, share 0.125"] == ("+0.160 ± 0.115 (seeds +0.030 to +0.250)", True)
     assert rows["colour: toklip − codes, share 0.125"] == ("+0.000 ± 0.000 (seeds +0.000 to +0.000)", False)
-    assert rows["seconds, the inputs at all the questions, one seed"] == ("70", True)  # two inputs x (10 + 20 + 5) s
+    assert rows["seconds, the inputs at share 0.125, one seed"] == ("70", True)  # two inputs x (10 + 20 + 5) s
+
+
+def test_runs_read_back_without_a_recorded_time_are_left_out_of_the_time_targets_and_said_so():
+    runs = [
+        {"input": kind, "seed": seed, "fraction": 1.0, "align_seconds": 10.0, "train_seconds": 20.0 + seed, "score_seconds": 5.0}
+        | dict.fromkeys(SCORES, 0.5)
+        for kind in ("toklip", "codes")
+        for seed in (0, 1)
+    ]
+    runs[3]["train_seconds"] = None  # codes, seed 1: finished before times were recorded
+    rows = {what: (measured, met) for what, measured, _, met in comprehension_rows(summarise(runs) | {"runs": runs})}
+    assert rows["seconds, the longest run"] == ("21 (1 read back untimed)", True)
+    assert rows["seconds, the inputs at all the questions, one seed"] == ("70 (1 read back untimed)", True)  # seed 0 only
+    for run in runs:
+        run["align_seconds"] = run["train_seconds"] = None
+    rows = {what: (measured, met) for what, measured, _, met in comprehension_rows(summarise(runs) | {"runs": runs})}
+    assert rows["seconds, the longest run"] == ("not timed: every run was read back", None)
+    table = target_table(comprehension_rows(summarise(runs) | {"runs": runs}))
+    assert "| seconds, the longest run | not timed: every run was read back | <= 300 | not judged |" in table
+
+
+def test_a_finished_run_read_back_gives_the_seconds_it_trained_not_those_of_the_read_back(tmp_path, monkeypatch):
+    def train(cfg):  # finishes a run the first time (writes its metrics), only reads it back after
+        metrics = Path(cfg.paths.output_dir, "metrics.json")
+        if not metrics.is_file():
+            time.sleep(0.05)
+            metrics.write_text("{}")
+        return {"train/loss": 1.0}
+
+    monkeypatch.setattr(pipeline, "train", train)
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
+    _, trained = pipeline.train_timed(cfg)
+    assert trained >= 0.05
+    assert pipeline.train_timed(cfg) == ({"train/loss": 1.0}, trained)
+    (tmp_path / pipeline.TRAIN_SECONDS_FILE).unlink()  # a run finished before times were recorded
+    assert pipeline.train_timed(cfg) == ({"train/loss": 1.0}, None)
+
+
+def test_the_generation_stage_times_only_the_runs_it_timed():
+    runs = [
+        {"mode": mode, "seed": seed, **dict.fromkeys(METRICS, 0.5), "seconds": None if seed else 90.0}
+        for mode in ("codes", "codes+toklip")
+        for seed in (0, 1)
+    ]  # seed 1: read back, finished before times were recorded
+    summary = summarise_generation(runs, classes=42) | {"runs": runs}
+    assert summary["by_mode"]["codes"]["seconds"] == {"mean": 90.0, "std": 0.0, "n": 1, "min": 90.0, "max": 90.0}
+    assert generation_rows(summary)[-1] == ("slowest run (train, sample, score)", "1.5 min (2 read back untimed)", "<= 5.0 min", True)

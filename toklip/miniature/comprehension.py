@@ -26,8 +26,7 @@ from ..comprehension.conversation import IMAGE_PLACEHOLDER, PromptFormat
 from ..comprehension.evaluation import answer_questions, image_loader, question_accuracy
 from ..comprehension.language_model import load_tokenizer
 from ..data.scene_questions import QUESTION_TYPES, QuestionSetConfig, write_question_set
-from ..tasks import train
-from .pipeline import ARTIFACTS, find_demo_dir, record_run_config, spread, stage_config, stage_config_of
+from .pipeline import ARTIFACTS, find_demo_dir, record_run_config, spread, stage_config, stage_config_of, train_timed
 from .report import write_comprehension_report
 
 COMPREHENSION_DIR = "comprehension"
@@ -86,14 +85,13 @@ def make_language_model(out: Path, question_set: Path, options: DictConfig, seed
     return directory
 
 
-def run_training(experiment: str, run_dir: Path, overrides: list[str]) -> tuple[dict[str, float], float]:
-    """One toklip-train run (resumed, or only read back, when its directory holds it); its metrics and seconds."""
+def run_training(experiment: str, run_dir: Path, overrides: list[str]) -> tuple[dict[str, float], float | None]:
+    """One toklip-train run (resumed, or only read back, when its directory holds it); its metrics and the
+    seconds it trained (`train_timed`)."""
     stage_cfg = stage_config(experiment, run_dir, [*overrides, "resume=latest"])
     record_run_config(run_dir, stage_cfg)
     print(f"\n=== comprehension: toklip-train experiment={experiment} {' '.join(overrides)} ===", flush=True)
-    start = time.perf_counter()
-    metrics = train(stage_cfg)
-    return metrics, time.perf_counter() - start
+    return train_timed(stage_cfg)
 
 
 def run_comprehension(cfg: DictConfig) -> dict[str, Any]:

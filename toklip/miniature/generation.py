@@ -28,8 +28,8 @@ from ..generation.evaluation import SampleScorer, teacher_forced_nll
 from ..models.factory import load_toklip
 from ..models.teacher import load_open_clip, open_clip_config, read_open_clip_state_dict
 from ..models.text import get_text_tokenizer_for
-from ..tasks import cache, train
-from .pipeline import ARTIFACTS, find_demo_dir, record_run_config, spread, stage_config, stage_config_of
+from ..tasks import cache
+from .pipeline import ARTIFACTS, find_demo_dir, record_run_config, spread, stage_config, stage_config_of, train_timed
 from .report import write_generation_report
 
 GENERATION_DIR = "generation"
@@ -127,15 +127,15 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
             stage_cfg = stage_config(options.experiment, run_dir, overrides)
             record_run_config(run_dir, stage_cfg)
             print(f"\n=== generation: toklip-train experiment={options.experiment} {' '.join(overrides)} ===", flush=True)
+            metrics, trained = train_timed(stage_cfg)
             began = time.perf_counter()
-            metrics = train(stage_cfg)
-            trained = time.perf_counter() - began
             generator, _ = load_generator(run_dir / "generator.safetensors")
             _, images = sample_images(generator, toklip, conditions, settings, seed=seed)
             scores = judge.scores(images, labels)
             scores["nll"] = teacher_forced_nll(generator, toklip, real_indices, prompt_features[judge.real_labels])
+            seconds_in_all = None if trained is None else trained + time.perf_counter() - began  # None: read back, never timed
             runs.append({"mode": mode, "seed": seed, **scores, "train_loss": metrics.get("train/loss"),
-                         "train_seconds": trained, "seconds": time.perf_counter() - began})  # fmt: skip
+                         "train_seconds": trained, "seconds": seconds_in_all})  # fmt: skip
             samples.setdefault(mode, images)  # the first seed's, for the grids
             print(f"{mode} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
     seconds["total"] = time.perf_counter() - start
@@ -153,7 +153,10 @@ def summarise(runs: list[dict[str, Any]], classes: int) -> dict[str, Any]:
     codes+toklip - codes (same seed), its mean and spread."""
 
     modes = sorted({run["mode"] for run in runs})
-    by_mode = {mode: {m: spread([r[m] for r in runs if r["mode"] == mode]) for m in (*METRICS, "seconds")} for mode in modes}
+    by_mode = {mode: {m: spread([r[m] for r in runs if r["mode"] == mode]) for m in METRICS} for mode in modes}
+    for mode in modes:  # the seconds of the runs timed (a run read back without a recorded time has none)
+        timed = [r["seconds"] for r in runs if r["mode"] == mode and r["seconds"] is not None]
+        by_mode[mode]["seconds"] = spread(timed) if timed else None
     paired = {}
     if {"codes", "codes+toklip"} <= set(modes):
         per_seed = {(r["mode"], r["seed"]): r for r in runs}

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..checkpoints import replace_file
 from ..config import ConfigError, compose_config
 from ..data.eval_sets import EvalSet, build_eval_sets
 from ..data.transforms import eval_transform, preprocess_config
@@ -21,7 +22,7 @@ from ..evaluation.reconstruction import reconstruction_scores
 from ..models.factory import load_toklip
 from ..models.teacher import load_open_clip, open_clip_config, read_open_clip_state_dict
 from ..models.text import get_text_tokenizer_for
-from ..tasks import train
+from ..tasks import METRICS_FILE, train
 from ..tokenizers import build_tokenizer, register_configured_tokenizer
 from .report import write_report
 
@@ -64,6 +65,26 @@ def record_run_config(run_dir: Path, stage_cfg: DictConfig) -> None:
         raise ConfigError(f"{run_dir} holds a run with other settings; move it away (or run on another demo output) to run these")
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(stage_cfg, path)
+
+
+TRAIN_SECONDS_FILE = "train_seconds.json"  # beside a finished run's metrics.json: how long it trained
+
+
+def train_timed(stage_cfg: DictConfig) -> tuple[dict[str, float], float | None]:
+    """`train(stage_cfg)` and the seconds its training took, recorded in the run directory when it finishes.
+
+    A run found finished is only read back: its seconds are the recorded ones (None if it finished without
+    a record), not the moment the read-back took. A run resumed after an interruption records the seconds
+    of the call that finished it."""
+    run_dir = Path(stage_cfg.paths.output_dir)
+    record = run_dir / TRAIN_SECONDS_FILE
+    if (run_dir / METRICS_FILE).is_file():  # written when a run finishes: nothing is left to train
+        return train(stage_cfg), json.loads(record.read_text())["seconds"] if record.is_file() else None
+    start = time.perf_counter()
+    metrics = train(stage_cfg)
+    seconds = time.perf_counter() - start
+    replace_file(record, json.dumps({"seconds": seconds}).encode())
+    return metrics, seconds
 
 
 def spread(values: list[float]) -> dict[str, float]:
