@@ -114,8 +114,8 @@ def target_table(rows: list[tuple[str, str, str, bool | None]], heading: str = "
 def time_row(
     what: str, seconds: list[float | None], limit: float, show: Callable[[float], str] = "{:.0f}".format
 ) -> tuple[str, str, str, bool | None]:
-    """A time target judged on the longest of `seconds`. None is a run read back without a recorded time
-    (finished before times were recorded): it is left out, and the row says so."""
+    """A time target judged on the longest of `seconds`. None is a time not known: a run read back that
+    finished before times were recorded (or a seed with one). It is left out, and the row says so."""
     timed = [s for s in seconds if s is not None]
     if not timed:
         return what, "not timed: every run was read back", f"<= {show(limit)}", None
@@ -285,15 +285,18 @@ def comprehension_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, boo
     stages = [seconds for r in runs for seconds in (r["align_seconds"], r["train_seconds"])]
     rows.append(time_row("seconds, the longest run", stages, MAX_SECONDS["one run"]))
 
-    def seconds_in_all(run: dict[str, Any]) -> float | None:  # stages 1 and 2, then scoring
-        parts = (run["align_seconds"], run["train_seconds"], run["score_seconds"])
+    def one_seed(seed: int) -> float | None:  # its inputs at the largest share: stages 1 and 2, then scoring
+        parts = [
+            t
+            for r in runs
+            if r["seed"] == seed and r["fraction"] == largest
+            for t in (r["align_seconds"], r["train_seconds"], r["score_seconds"])
+        ]
         return None if None in parts else sum(parts)
 
-    # One seed's inputs at the largest share (the same steps as at any other).
-    per_seed = [[seconds_in_all(r) for r in runs if r["seed"] == seed and r["fraction"] == largest] for seed in summary["seeds"]]
-    share = "all the questions" if largest == 1.0 else f"share {largest:g}"
+    share = "all the questions" if largest == 1.0 else f"share {largest:g}"  # the same steps as at any other share
     rows.append(
-        time_row(f"seconds, the inputs at {share}, one seed", [None if None in s else sum(s) for s in per_seed], MAX_SECONDS["all inputs"])
+        time_row(f"seconds, the inputs at {share}, one seed", [one_seed(seed) for seed in summary["seeds"]], MAX_SECONDS["all inputs"])
     )
     return rows
 
