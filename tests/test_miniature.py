@@ -17,6 +17,7 @@ from toklip.miniature.generation import METRICS, run_generation
 from toklip.miniature.generation import summarise as summarise_generation
 from toklip.miniature.report import comprehension_rows, generation_rows, target_table
 from toklip.models.teacher import Teacher, read_open_clip_state_dict
+from toklip.training.callbacks import RunPreempted
 
 REDUCED = [
     "trainer.max_steps=2", "trainer.enable_progress_bar=false", "data.batch_size_per_device=8",
@@ -166,6 +167,28 @@ def test_a_finished_run_read_back_gives_the_seconds_it_trained_not_those_of_the_
     assert pipeline.train_timed(cfg) == ({"train/loss": 1.0}, trained)
     (tmp_path / pipeline.TRAIN_SECONDS_FILE).unlink()  # a run finished before times were recorded
     assert pipeline.train_timed(cfg) == ({"train/loss": 1.0}, None)
+
+
+def test_a_run_resumed_after_a_signal_is_timed_over_all_its_calls(tmp_path, monkeypatch):
+    calls = []
+
+    def train(cfg):  # stopped by a signal the first time, resumed and finished the second
+        calls.append(cfg)
+        time.sleep(0.1 if len(calls) == 1 else 0.05)
+        if len(calls) == 1:
+            raise RunPreempted("stopped by a signal at step 3")
+        Path(cfg.paths.output_dir, "metrics.json").write_text("{}")
+        return {"train/loss": 1.0}
+
+    monkeypatch.setattr(pipeline, "train", train)
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
+    with pytest.raises(RunPreempted):
+        pipeline.train_timed(cfg)
+    stopped = json.loads((tmp_path / pipeline.TRAIN_SECONDS_FILE).read_text())["seconds"]
+    assert 0.1 <= stopped < 1.0
+    _, trained = pipeline.train_timed(cfg)
+    assert trained >= stopped + 0.05
+    assert pipeline.train_timed(cfg) == ({"train/loss": 1.0}, trained)  # read back: the whole run's seconds
 
 
 def test_the_generation_stage_times_only_the_runs_it_timed():

@@ -24,6 +24,7 @@ from ..models.teacher import load_open_clip, open_clip_config, read_open_clip_st
 from ..models.text import get_text_tokenizer_for
 from ..tasks import METRICS_FILE, train
 from ..tokenizers import build_tokenizer, register_configured_tokenizer
+from ..training.callbacks import RunPreempted
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -67,24 +68,34 @@ def record_run_config(run_dir: Path, stage_cfg: DictConfig) -> None:
     OmegaConf.save(stage_cfg, path)
 
 
-TRAIN_SECONDS_FILE = "train_seconds.json"  # beside a finished run's metrics.json: how long it trained
+TRAIN_SECONDS_FILE = "train_seconds.json"  # beside a run's metrics.json: how long it trained, over all its calls
 
 
 def train_timed(stage_cfg: DictConfig) -> tuple[dict[str, float], float | None]:
-    """`train(stage_cfg)` and the seconds its training took, recorded in the run directory when it finishes.
+    """`train(stage_cfg)` and the seconds its training took, recorded in the run directory.
 
-    A run found finished is only read back: its seconds are the recorded ones (None if it finished without
-    a record), not the moment the read-back took. A run resumed after an interruption records the seconds
-    of the call that finished it."""
+    A call stopped by a signal (`RunPreempted`) records its seconds too, and the call that resumes the
+    run adds its own: a resumed run's time is that of all its calls. A run found finished is only read
+    back: its seconds are the recorded ones (None if it finished without a record), not the moment the
+    read-back took."""
     run_dir = Path(stage_cfg.paths.output_dir)
     record = run_dir / TRAIN_SECONDS_FILE
+    recorded = json.loads(record.read_text())["seconds"] if record.is_file() else None
     if (run_dir / METRICS_FILE).is_file():  # written when a run finishes: nothing is left to train
-        return train(stage_cfg), json.loads(record.read_text())["seconds"] if record.is_file() else None
+        return train(stage_cfg), recorded
+
+    def record_seconds() -> float:
+        seconds = (recorded or 0.0) + time.perf_counter() - start
+        replace_file(record, json.dumps({"seconds": seconds}).encode())
+        return seconds
+
     start = time.perf_counter()
-    metrics = train(stage_cfg)
-    seconds = time.perf_counter() - start
-    replace_file(record, json.dumps({"seconds": seconds}).encode())
-    return metrics, seconds
+    try:
+        metrics = train(stage_cfg)
+    except RunPreempted:  # it resumes from its checkpoint, and the call that resumes it adds its own seconds
+        record_seconds()
+        raise
+    return metrics, record_seconds()
 
 
 def spread(values: list[float]) -> dict[str, float]:
