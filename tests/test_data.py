@@ -500,7 +500,9 @@ def test_an_epoch_that_delivers_nothing_fails_with_the_reasons(tmp_path):
         list(dm.train_loader())
 
 
-@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="only forked workers start with SIGTERM blocked")
+@pytest.mark.skipif(
+    multiprocessing.get_start_method() != "fork", reason="its slowed init is patched into this process: only forked workers have it"
+)
 def test_loader_workers_leave_sigterm_to_the_main_process(eighty, monkeypatch):
     # A signal to the whole process group reaches the workers too; the main process stops at a step
     # boundary and checkpoints, which it cannot do if its workers died under it. The second worker starts
@@ -517,6 +519,21 @@ def test_loader_workers_leave_sigterm_to_the_main_process(eighty, monkeypatch):
         os.kill(worker.pid, signal.SIGTERM)
     time.sleep(0.5)
     assert len([first, *batches]) == len(loader)  # every batch still comes
+
+
+def test_spawned_loader_workers_leave_sigterm_to_the_main_process():
+    # A spawned worker takes seconds to start (a new interpreter imports torch), so a SIGTERM sent as soon
+    # as the loader started it comes before it ignores the signal. In a fresh process: only the first
+    # start of multiprocessing's resource tracker lifts the block, and an earlier test may have started it.
+    script = (
+        "import os, signal, torch, toklip.data.workers as w\n"
+        "loader = w.SignalSafeLoader(torch.arange(64), batch_size=4, num_workers=2, multiprocessing_context='spawn')\n"
+        "batches = iter(loader)\n"
+        "for worker in batches._workers: os.kill(worker.pid, signal.SIGTERM)\n"
+        "print(len(list(batches)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "16"), done.stderr[-2000:]
 
 
 def test_a_sigterm_to_the_main_process_while_it_starts_workers_is_not_lost():

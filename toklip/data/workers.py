@@ -11,19 +11,22 @@ A worker still dies with a main process that is killed outright (torch's parent 
 A worker is started with SIGTERM blocked, so a signal that comes before it has set itself to ignore
 SIGTERM waits and is then dropped, instead of killing it. Here the signal is blocked in the starting
 thread only, and only while it starts them: one sent meanwhile still reaches this process's handler,
-through another thread or as the block lifts. Only a worker forked from this process inherits the
-blocked signal: under the "spawn" or "forkserver" start method (Python 3.14's default on Linux) a
-SIGTERM in the moment before a worker ignores it still kills it.
+through another thread or as the block lifts. A worker started by "fork" or "spawn" inherits the
+block (a spawned one through exec). One started by "forkserver" (Python 3.14's default on Linux) is
+forked by the fork server, which does not run under the block: a SIGTERM in the moment before such a
+worker ignores it still kills it.
 """
 
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import os
 import signal
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from multiprocessing import forkserver, resource_tracker
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -48,6 +51,17 @@ def _sigterm_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked_before)
+
+
+def _start_helper_processes(start_method: str) -> None:
+    """Start multiprocessing's helper processes for `start_method` before SIGTERM is blocked, not inside
+    the block: starting the resource tracker ("spawn", "forkserver") unblocks SIGTERM in the starting
+    thread, which would undo the block for the workers started after it; and a fork server started
+    under the block would keep it, passing it on to every process it forks, toklip's workers or not."""
+    if start_method in ("spawn", "forkserver"):
+        resource_tracker.ensure_running()
+    if start_method == "forkserver":
+        forkserver.ensure_running()
 
 
 def _live_workers_of_this_process() -> list[BaseProcess]:
@@ -94,6 +108,8 @@ class SignalSafeLoader(DataLoader):
 
     def _get_iterator(self):
         starts_ignoring = self.worker_init_fn is _init_worker  # set by __init__ where there are workers
+        if starts_ignoring:
+            _start_helper_processes((self.multiprocessing_context or multiprocessing).get_start_method())
         with _sigterm_blocked() if starts_ignoring else nullcontext():  # until each worker ignores it itself
             iterator = super()._get_iterator()
         if isinstance(iterator, _MultiProcessingDataLoaderIter):
