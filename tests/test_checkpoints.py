@@ -1,10 +1,10 @@
 import errno
 import io
+import itertools
+import multiprocessing
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -174,30 +174,43 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
     assert remove_stale_temporaries(tmp_path) == [dead] and alive.exists() and not dead.exists()
 
 
+def _rewrite_forever(path: Path, tmpdir: Path, writes) -> None:
+    """The kill test's writer: rewrites `path` with its four versions in turn, counting finished writes."""
+    os.environ["TMPDIR"] = str(tmpdir)
+    tempfile.tempdir = None  # forget the directory the parent process chose
+    for value in itertools.cycle(range(4)):
+        write_atomically(path, bytes([value]) * (4 << 20))
+        writes.value += 1
+
+
 def test_kill_9_while_rewriting_a_checkpoint_leaves_the_old_or_the_new_one(tmp_path):
     # A writer rewrites last.ckpt over and over, its TMPDIR on another filesystem (the tmpfs /dev/shm) than
-    # the run directory, as on a cluster; it is SIGKILLed at random moments while a reader polls the file.
+    # the run directory, as on a cluster; it is SIGKILLed at random moments after its first write while a
+    # reader polls the file. The writer is a fork of this process: it writes at once, where a fresh
+    # interpreter would spend the seconds of its imports (longer than any kill window) before its first write.
     shm = Path("/dev/shm")
     tmpdir = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path / "tmp"
     tmpdir.mkdir(exist_ok=True)
     path = tmp_path / "checkpoints" / "last.ckpt"
     versions = {bytes([value]) * (4 << 20) for value in range(4)}  # 4 MB each: a write takes a while
-    writer = (
-        "import sys, itertools; from toklip.checkpoints import write_atomically\n"
-        "for value in itertools.cycle(range(4)): write_atomically(sys.argv[1], bytes([value]) * (4 << 20))\n"
-    )
     write_atomically(path, min(versions))
-    rng = random.Random(0)
+    fork, rng = multiprocessing.get_context("fork"), random.Random(0)
+    writes, kills_mid_write = fork.RawValue("i", 0), 0  # no lock: a writer killed holding one would leave it held
     try:
-        for _ in range(5):
-            process = subprocess.Popen([sys.executable, "-c", writer, str(path)], env={**os.environ, "TMPDIR": str(tmpdir)})
-            deadline = time.monotonic() + 3 + rng.random()  # the writer's start takes ~2 s
-            while time.monotonic() < deadline:  # every read in between sees a whole version (its checksum may lag)
+        for _ in range(10):
+            writes_before, kill_at = writes.value, None
+            writer = fork.Process(target=_rewrite_forever, args=(path, tmpdir, writes))
+            writer.start()
+            while kill_at is None or time.monotonic() < kill_at:  # every read sees a whole version (its checksum may lag)
                 assert path.read_bytes() in versions
-            process.kill()
-            process.wait()
+                assert writer.is_alive(), f"the writer failed (exit code {writer.exitcode})"
+                if kill_at is None and writes.value > writes_before:
+                    kill_at = time.monotonic() + rng.uniform(0, 0.5)
+            writer.kill()  # SIGKILL
+            writer.join()
             assert read_checkpoint_bytes(path) in versions
-        remove_stale_temporaries(path.parent)  # what a kill mid-write left; the next start removes it
+            kills_mid_write += bool(remove_stale_temporaries(path.parent))  # what the kill left; the next start removes it
+        assert writes.value >= 10 and kills_mid_write > 0, (writes.value, kills_mid_write)  # the test saw what it is about
         assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
         assert not list(tmpdir.iterdir())  # nothing was ever written to TMPDIR
     finally:
