@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import fsspec.implementations.local
 import lightning as L
 import pytest
 import torch
@@ -23,6 +22,7 @@ from toklip.checkpoints import NUMPY_SCALARS, CheckpointError, read_checkpoint
 from toklip.data import DataQualityError
 from toklip.losses import LossSettings
 from toklip.training import AdamWCosine, CheckpointOnPreemption, ExportModel, TokLIPModule, param_groups, warmup_cosine
+from toklip.training.checkpointing import AtomicCheckpointIO
 
 OPTIM_KEYS = {f.name for f in dataclasses.fields(AdamWCosine)}
 LOSS_KEYS = {f.name for f in dataclasses.fields(LossSettings)}
@@ -245,7 +245,9 @@ def _fit(synthetic, teacher, root, max_steps, ckpt_path=None, callbacks=()):
     m = module(teacher, total_steps=6)
     recorder = LossRecorder()
     checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_last=True, save_top_k=-1)
-    t = trainer(max_steps=max_steps, enable_checkpointing=True, callbacks=[recorder, checkpoints, *callbacks])
+    t = trainer(
+        max_steps=max_steps, enable_checkpointing=True, callbacks=[recorder, checkpoints, *callbacks], plugins=[AtomicCheckpointIO()]
+    )  # checkpoints written as every trainer config writes them
     t.fit(m, datamodule(synthetic), ckpt_path=ckpt_path, weights_only=True)
     return m, recorder.losses
 
@@ -265,17 +267,22 @@ def test_resume_continues_the_same_loss_trajectory(tiny_teacher_checkpoint, synt
 
 def test_a_crash_while_writing_leaves_the_last_checkpoint_intact(tiny_teacher_checkpoint, synthetic_set, tmp_path, monkeypatch):
     _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path, max_steps=3)
-    before = (tmp_path / "last.ckpt").read_bytes()
-    real_write = fsspec.implementations.local.LocalFileOpener.write
+    last = tmp_path / "last.ckpt"
+    before = last.read_bytes()
+    real_publish = toklip.checkpoints.publish
 
-    def write_half_then_die(self, data):
-        real_write(self, data[: len(data) // 2])
-        raise OSError("disk full")
+    def half_written_then_the_disk_fails(temporary, target):
+        if target == last:
+            temporary.write_bytes(temporary.read_bytes()[: temporary.stat().st_size // 2])
+            raise OSError("disk full")
+        real_publish(temporary, target)
 
-    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", write_half_then_die)
+    monkeypatch.setattr(toklip.checkpoints, "publish", half_written_then_the_disk_fails)
     with pytest.raises(OSError, match="disk full"):
-        _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path, max_steps=6, ckpt_path=str(tmp_path / "last.ckpt"))
-    assert (tmp_path / "last.ckpt").read_bytes() == before
+        _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path, max_steps=6, ckpt_path=str(last))
+    assert list(tmp_path.glob("*step=6.ckpt"))  # the step's own checkpoint was written; last.ckpt's rewrite failed
+    assert last.read_bytes() == before and read_checkpoint(last)["global_step"] == 3  # the old one, whole and verified
+    assert not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_checkpoint_of_another_model_is_refused(tiny_teacher_checkpoint, synthetic_set, tmp_path):
