@@ -297,16 +297,23 @@ def test_a_cache_record_that_does_not_read_is_a_counted_skip():
         np.save(buffer, array)
         return buffer.getvalue()
 
-    record = {"indices.npy": npy(np.arange(2 * 4, dtype=np.int16).reshape(2, 2, 2)), "text_features.npy": npy(np.ones(3, np.float16)),
-              "teacher_features.npy": npy(np.eye(2, 3, dtype=np.float16)), "teacher_tokens.npy": npy(np.zeros((2, 4, 3), np.float16))}  # fmt: skip
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        view = int(torch.randint(2, ()))
-        torch.manual_seed(0)
-        sample = CachedSample(teacher_tokens=True)(record)
-    assert sample["indices"].dtype == torch.int64 and sample["indices"].tolist() == [[4 * view, 4 * view + 1], [4 * view + 2, 4 * view + 3]]
-    assert sample["teacher_features"].dtype == torch.float32 and sample["teacher_features"].tolist() == np.eye(2, 3)[view].tolist()
-    assert sample["teacher_tokens"].shape == (4, 3) and sample["text_features"].shape == (3,)
+    indices, features = np.arange(2 * 4, dtype=np.int16).reshape(2, 2, 2), np.eye(2, 3, dtype=np.float16)
+    tokens = np.broadcast_to(np.arange(2, dtype=np.float16)[:, None, None], (2, 4, 3))  # view v: all v
+    record = {"indices.npy": npy(indices), "text_features.npy": npy(np.ones(3, np.float16)), "teacher_features.npy": npy(features),
+              "teacher_tokens.npy": npy(tokens)}  # fmt: skip
+    drawn = set()
+    for seed in range(8):  # seed 0 draws view 0; some seed of these draws view 1
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            view = int(torch.randint(2, ()))
+            torch.manual_seed(seed)
+            sample = CachedSample(teacher_tokens=True)(record)
+        drawn.add(view)
+        assert sample["indices"].dtype == torch.int64 and sample["indices"].tolist() == indices[view].tolist()
+        assert sample["teacher_features"].dtype == torch.float32 and sample["teacher_features"].tolist() == features[view].tolist()
+        assert sample["teacher_tokens"].shape == (4, 3) and sample["teacher_tokens"].eq(view).all()  # every array from the same view
+        assert sample["text_features"].shape == (3,)
+    assert drawn == {0, 1}
     assert "teacher_tokens" not in CachedSample()(record)
     with pytest.raises(SkippedSample, match="bad_record: no teacher_features.npy"):
         CachedSample()({"__key__": "a", "indices.npy": b"", "text_features.npy": b""})
