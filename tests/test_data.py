@@ -541,7 +541,9 @@ def test_a_sigterm_to_the_main_process_while_it_starts_workers_is_not_lost():
     handler = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
         with workers._sigterm_blocked():
+            assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
             os.kill(os.getpid(), signal.SIGTERM)  # delivered at once if another thread lets it in
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this thread takes it again
         time.sleep(0.1)  # where another thread took it, this one runs the handler at its next check
         assert received == [signal.SIGTERM]
     finally:
