@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 import toklip
 from toklip.checkpoints import NUMPY_SCALARS, CheckpointError, read_checkpoint
 from toklip.data import DataQualityError
-from toklip.losses import MAX_LOGIT_SCALE, LossSettings
+from toklip.losses import MAX_LOGIT_SCALE, LossSettings, SigLipLoss
 from toklip.training import AdamWCosine, CheckpointOnPreemption, ExportModel, TokLIPModule, param_groups, warmup_cosine
 from toklip.training.checkpointing import AtomicCheckpointIO
 
@@ -320,6 +320,7 @@ def test_validation_logs_zeroshot_and_retrieval_metrics(tiny_teacher_checkpoint,
 
 def test_token_distillation_and_siglip_options(tiny_teacher_checkpoint):
     m = module(tiny_teacher_checkpoint, token_distill_weight=10.0, contrastive="siglip", distill_form="cosine")
+    assert isinstance(m.contrastive, SigLipLoss) and (m.distill.form, m.distill.token_weight) == ("cosine", 10.0)  # what was asked
     losses = m.compute_losses(random_batch(4))
     assert set(losses) == {"contrastive", "distill", "token_distill"}
     sum(losses.values()).backward()
