@@ -160,8 +160,10 @@ def test_a_feature_memo_encodes_each_image_once_and_changes_nothing(toklip_expor
     torch.testing.assert_close(memo(images), plain(images))
     torch.testing.assert_close(memo(images[[2, 0]]), plain(images[[2, 0]]))
     assert calls == [4]  # the second call found both images
-    memo(torch.rand(6, 3, 64, 64))
-    assert len(memo.memo.entries) == 8  # the least recently used went
+    memo(torch.rand(6, 3, 64, 64))  # ten images for eight places: the least recently used two go (1 and 3)
+    memo(images[[2, 0]])
+    memo(images[[1, 3]])
+    assert calls == [4, 6, 2] and len(memo.memo.entries) == 8  # 2 and 0, used last, stayed; 1 and 3 came back
 
 
 def test_every_visual_input_adds_a_learned_embedding_of_its_tokens_places(toklip_export, frozen_parts):
