@@ -147,6 +147,8 @@ def test_a_tiny_mllm_on_vq_codes_overfits_a_handful_of_questions(tiny_lm, frozen
     answers = answer_questions(model, questions, by_name.__getitem__, batch_size=3)
     assert answers == [q.answer for q in questions]
     assert question_accuracy(questions, answers) == {"accuracy": 1.0, "questions": 8.0, "accuracy/colour": 1.0, "accuracy/count": 1.0}
+    beside_the_point = [Question(name, "what colour is it?", "one", choices=("one", "two")) for name in facts]
+    assert set(answer_questions(model, beside_the_point, by_name.__getitem__)) <= {"one", "two"}  # a choice, not the colour it knows
 
 
 def test_a_feature_memo_encodes_each_image_once_and_changes_nothing(toklip_export):
