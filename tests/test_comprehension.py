@@ -25,7 +25,7 @@ from toklip.comprehension import (
 from toklip.comprehension.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from toklip.comprehension.data import ConversationEncoder, collate_conversations
 from toklip.data import synthetic
-from toklip.data.scene_questions import QuestionSetConfig, write_question_set
+from toklip.data.scene_questions import COUNT_WORDS, PLACE_WORDS, QuestionSetConfig, write_question_set
 
 WORDS = ["what colour is it ? how many shapes are there red green blue yellow one two describe the image briefly ."]
 
@@ -221,8 +221,15 @@ def test_scene_questions_ask_what_the_scene_shows(tmp_path):
     assert len(conversations) == 6 and all(5 <= len(c.turns) <= 6 for c in conversations)
     assert {q.type for q in questions} <= {"colour", "size", "shape", "background", "count", "position"}
     assert all(Image.open(root / "images" / q.image).size == (32, 32) for q in questions)
-    background = [q.answer for q in questions if q.type == "background"]
-    assert len(background) == 4 and set(background) <= {"black", "gray", "white"}
+    for index in range(4):  # each answer is what its scene shows
+        scene = synthetic.random_scene(synthetic.scene_rng(0, "questions-test", index), max_shapes=3)
+        asked = {q.type: q for q in questions if q.image == f"test_{index:06d}.jpg"}
+        assert (asked["background"].answer, asked["count"].answer) == (scene.background, COUNT_WORDS[len(scene.shapes)])
+        (target,) = [s for s in scene.shapes if asked["colour"].question.endswith(f"{synthetic.POSITIONS[s.position][1]}?")]
+        assert (asked["colour"].answer, asked["size"].answer, asked["shape"].answer) == (target.colour, target.size, target.shape)
+        if "position" in asked:
+            (located,) = [s for s in scene.shapes if asked["position"].question == f"where is the {s.colour} {s.shape}?"]
+            assert asked["position"].answer == PLACE_WORDS[located.position]
     again = write_question_set(tmp_path / "set", QuestionSetConfig(train_images=6, test_images=4, image_size=32))
     assert (again / "test.jsonl").read_text() == (root / "test.jsonl").read_text()
 
