@@ -63,6 +63,10 @@ def test_dropping_the_condition_uses_the_null_one():
     model = generator()
     assert torch.equal(model.drop_condition(torch.tensor([0, 1, 2]), 1.0), torch.tensor([5, 5, 5]))
     assert torch.equal(model.drop_condition(torch.tensor([0, 1, 2]), 0.0), torch.tensor([0, 1, 2]))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        dropped = model.drop_condition(torch.zeros(10_000, dtype=torch.long), 0.3) == 5
+    assert 0.28 < dropped.float().mean() < 0.32  # a draw a row: 0.3 of them (bounds 4 standard deviations wide)
     text = generator(condition="text")
     assert text.drop_condition(torch.zeros(2, 12), 1.0).isnan().all()
 
