@@ -20,7 +20,7 @@ from omegaconf import open_dict
 import toklip
 from toklip.config import ConfigError
 from toklip.data import CacheDataModule
-from toklip.data.transforms import train_transform
+from toklip.data.transforms import train_transform, view_seed
 from toklip.encoding import CacheEncoder, input_parts
 from toklip.tasks import cache, encode
 from toklip.training import TokLIPModule
@@ -219,6 +219,7 @@ def test_views_are_the_same_crops_in_every_run(frozen_parts, synthetic_set):
     torch.manual_seed(999)  # the global generator does not matter
     again = PrepareViews(transform, lambda texts: torch.zeros(1, 4), views=4, seed=7)(raw)
     assert torch.equal(first["image"], again["image"]) and not torch.equal(first["image"][0], first["image"][1])
+    assert view_seed(7, "000000016", 0) == 4133497814074261089  # a value of record: no per-process salt (str hash) goes in
 
 
 def cache_cfg(frozen_parts, data_dir: Path, out: Path, *overrides: str):
