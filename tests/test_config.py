@@ -47,7 +47,8 @@ def test_every_experiment_composes_and_builds_on_meta(experiment):
         model = build_toklip_from(preset_from_config(cfg))
     size = cfg.resolution
     assert model.image_size == size == cfg.data.image_size
-    assert model.visual.trunk.num_tokens == (size // 16) ** 2 if experiment != "tiny" else (size // 8) ** 2
+    patch = 8 if experiment == "tiny" else 16
+    assert model.visual.trunk.num_tokens == (size // patch) ** 2
     OmegaConf.to_container(cfg.trainer, resolve=True)
 
 
@@ -77,10 +78,24 @@ def test_resolution_alone_moves_a_run():
     assert model.visual.trunk.num_tokens == 24 * 24
 
 
-def test_required_keys_are_named_before_anything_is_built():
-    cfg = composed("experiment=toklip_s_256")
+def refused_before_building(cfg, monkeypatch) -> str:
+    """The message of the ConfigError that `toklip.train(cfg)` raises having built and generated nothing."""
+
+    def built(*args, **kwargs):
+        raise AssertionError("built or generated before the configuration was checked")
+
+    monkeypatch.setattr("toklip.tasks.instantiate", built)
+    monkeypatch.setattr("toklip.tasks.write_synthetic", built)
+    with pytest.raises(toklip.config.ConfigError) as raised:
+        toklip.train(cfg)
+    return str(raised.value)
+
+
+def test_required_keys_are_named_before_anything_is_built(tmp_path, monkeypatch):
+    cfg = composed("experiment=toklip_s_256", output_dir=tmp_path)
     with pytest.raises(ValueError, match="data.train_urls, tokenizer.checkpoint"):
         check_required(cfg)
+    assert refused_before_building(cfg, monkeypatch).startswith("required configuration keys are not set: data.train_urls, ")
 
 
 def toklip_tool(tool: str, *overrides: str, cwd: Path, multirun: bool = False) -> subprocess.CompletedProcess:
@@ -260,18 +275,11 @@ def test_an_unquoted_brace_pattern_is_named_with_the_quoting_to_use(monkeypatch)
     ],
 )
 def test_config_mistakes_are_named_before_anything_is_built_or_generated(override, message, tmp_path, monkeypatch):
-    def built(*args, **kwargs):
-        raise AssertionError("built or generated before the configuration was checked")
-
-    monkeypatch.setattr("toklip.tasks.instantiate", built)
-    monkeypatch.setattr("toklip.tasks.write_synthetic", built)
     cfg = composed("experiment=tiny", "teacher.checkpoint=unused.safetensors", override, output_dir=tmp_path)
-    with pytest.raises(toklip.config.ConfigError) as raised:
-        toklip.train(cfg)
-    assert str(raised.value).startswith(message)
+    assert refused_before_building(cfg, monkeypatch).startswith(message)
 
 
-def test_shards_and_workers_are_checked_before_the_model_is_built(synthetic_set, tmp_path):
+def test_shards_and_workers_are_checked_before_the_model_is_built(synthetic_set, tmp_path, monkeypatch):
     run = ("experiment=tiny", f'data.train_urls="{synthetic_set.train_urls}"')
     with pytest.raises(
         toklip.config.ConfigError, match=r"data.num_workers=9: 4 shard\(s\) of .* cannot feed 9 loader streams .* data.num_workers=4"
@@ -280,9 +288,12 @@ def test_shards_and_workers_are_checked_before_the_model_is_built(synthetic_set,
     with pytest.raises(toklip.config.ConfigError, match=r"data.train_urls='.*/none-\*.tar': no shard matches"):
         check_shards(composed("experiment=tiny", f"data.train_urls={tmp_path}/none-*.tar"))
     check_shards(composed(*run, "data.num_workers=4"))
+    shards_only = ("~data.synthetic", "data.train_num_samples=256", "eval=none", "teacher.checkpoint=unused.safetensors")  # nothing to draw
+    nine = composed(*run, *shards_only, "data.num_workers=9", output_dir=tmp_path)
+    assert "cannot feed 9 loader streams" in refused_before_building(nine, monkeypatch)  # as train runs it
 
 
-def test_resuming_a_checkpoint_of_another_model_names_both(tmp_path):
+def test_resuming_a_checkpoint_of_another_model_names_both(tmp_path, monkeypatch):
     checkpoint = tmp_path / "tiny32.ckpt"
     torch.save({"toklip": {"preset": "tiny_32", "architecture": dataclasses.asdict(toklip.models.preset("tiny_32"))}}, checkpoint)
     with pytest.raises(
@@ -291,6 +302,8 @@ def test_resuming_a_checkpoint_of_another_model_names_both(tmp_path):
     ):
         check_resumed_model(composed("experiment=tiny"), str(checkpoint))
     check_resumed_model(composed("experiment=demo_toklip"), str(checkpoint))  # the same model: fine
+    resumed = composed("experiment=tiny", f"resume={checkpoint}", "teacher.checkpoint=unused.safetensors", output_dir=tmp_path)
+    assert "this checkpoint is a tiny_32 model" in refused_before_building(resumed, monkeypatch)  # as train runs it
 
 
 def test_a_user_error_is_one_line_without_a_traceback(tmp_path):
@@ -312,6 +325,8 @@ def test_a_preempted_run_says_so_keeps_its_step_and_resumes(tiny_teacher_checkpo
     monkeypatch.chdir(tmp_path)
     run = (*SMALL_RUN, f"teacher.checkpoint={tiny_teacher_checkpoint}", "trainer.max_steps=4")
     signal_at_2 = ("+callbacks.sigterm._target_=test_training.SignalAtStep", "+callbacks.sigterm.step=2")
+    starts = tmp_path / "starting_steps"
+    run = (*run, "+callbacks.starts._target_=test_training.RecordStartingStep", f"+callbacks.starts.record={starts}")
     with pytest.raises(RunPreempted, match=r"stopped by a signal at step 2 before the run finished; .* resume=latest"):
         toklip.train(composed(*run, *signal_at_2, output_dir=tmp_path / "run"))
     assert not any(worker.is_alive() for worker in toklip.data.workers._workers)  # its loader workers are stopped, not orphaned
@@ -319,7 +334,11 @@ def test_a_preempted_run_says_so_keeps_its_step_and_resumes(tiny_teacher_checkpo
     assert torch.load(checkpoints / "preempted-step00000002.ckpt", weights_only=True)["global_step"] == 2
     assert not (tmp_path / "run" / "toklip.safetensors").exists()  # an unfinished run exports nothing
     metrics = toklip.train(composed(*run, "resume=latest", output_dir=tmp_path / "run"))
-    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4 and "train/loss" in metrics
+    resumed = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 4 and "train/loss" in metrics and starts.read_text().split() == ["0", "2"]
+    toklip.train(composed(*run, output_dir=tmp_path / "straight"))  # the same four steps without a stop
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(resumed["state_dict"], straight, rtol=0, atol=1e-6)  # steps 3 and 4 went on from step 2
 
 
 def test_one_writer_per_run_directory_and_a_killed_one_leaves_no_lock(tmp_path):
@@ -331,6 +350,8 @@ def test_one_writer_per_run_directory_and_a_killed_one_leaves_no_lock(tmp_path):
     refused = pytest.raises(toklip.config.ConfigError, match=rf"run directory {tmp_path} is in use by process {holder.pid} on")
     with refused, exclusive(tmp_path / ".lock", what=f"run directory {tmp_path}"):
         pass
+    with refused:  # as train takes it
+        toklip.train(composed(*SMALL_RUN, "teacher.checkpoint=unused.safetensors", output_dir=tmp_path))
     holder.kill()
     holder.wait()
     with exclusive(tmp_path / ".lock", what=f"run directory {tmp_path}"):  # the kill released it

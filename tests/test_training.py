@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -361,6 +362,17 @@ class SignalAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             os.killpg(os.getpgid(0), self.signum) if self.group else os.kill(os.getpid(), self.signum)
+
+
+class RecordStartingStep(Callback):
+    """Appends the step each fit starts at to the file `record` (each run builds its own instance)."""
+
+    def __init__(self, record: str):
+        self.record = Path(record)
+
+    def on_train_start(self, trainer, pl_module):
+        with self.record.open("a") as lines:
+            lines.write(f"{trainer.global_step}\n")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
