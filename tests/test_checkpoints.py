@@ -78,27 +78,38 @@ def test_numpy_scalars_need_the_allow_list(tmp_path):
     assert read_checkpoint(path, allowed_globals=NUMPY_SCALARS)["optimizer"]["step"] == 3
 
 
-def test_safetensors_write_is_atomic_and_round_trips(tmp_path):
+def rename_fails_for(target: Path, monkeypatch) -> None:
+    """`os.replace` onto `target` fails, as for a writer killed before its rename; onto any other file it works."""
+    real_replace = os.replace
+
+    def replace(source, destination):
+        if Path(destination) == target:
+            raise OSError("killed mid-rename")
+        real_replace(source, destination)
+
+    monkeypatch.setattr("os.replace", replace)
+
+
+def test_safetensors_write_is_atomic_and_round_trips(tmp_path, monkeypatch):
     tensors = {"a": torch.arange(6.0).view(2, 3).t(), "b": torch.ones(2)}  # a non-contiguous view
     path = save_safetensors(tensors, tmp_path / "out" / "w.safetensors", metadata={"preset": "tiny_64"})
     assert sorted(p.name for p in path.parent.iterdir()) == ["w.safetensors", "w.safetensors.sha256"]  # no temporary left
     loaded = read_checkpoint(path)
     assert torch.equal(loaded["a"], tensors["a"]) and torch.equal(loaded["b"], tensors["b"])
+    rename_fails_for(path, monkeypatch)
+    with pytest.raises(OSError, match="killed"):  # a second write that dies before its rename
+        save_safetensors({"a": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(read_checkpoint(path)["a"], tensors["a"])  # the first, whole
 
 
 def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     path = write_atomically(tmp_path / "last.ckpt", b"old checkpoint")
-    real_replace = os.replace
-
-    def crash_on_the_data_file(source, target):
-        if Path(target).name == "last.ckpt":
-            raise OSError("killed mid-rename")
-        real_replace(source, target)
-
-    monkeypatch.setattr("os.replace", crash_on_the_data_file)
+    rename_fails_for(path, monkeypatch)
     with pytest.raises(OSError, match="killed"):
         write_atomically(path, b"new checkpoint")
-    assert path.read_bytes() == b"old checkpoint" and not list(tmp_path.glob(".*.tmp-*"))
+    monkeypatch.undo()
+    assert read_checkpoint_bytes(path) == b"old checkpoint" and not list(tmp_path.glob(".*.tmp-*"))  # whole, checksum too
 
 
 def test_a_full_disk_is_named_and_costs_nothing_written_before(tmp_path, monkeypatch):
@@ -160,6 +171,7 @@ def test_resume_latest_takes_the_newest_checkpoint_that_reads_back_whole(tmp_pat
         assert resume_checkpoint(cfg) == str(run / "checkpoints" / "step00000004.ckpt")
     assert "last.ckpt" in caplog.text and "step00000006.ckpt" in caplog.text and "damaged" in caplog.text
     _training_checkpoint(run / "hpc_ckpt_1.ckpt", 7)  # SLURM's requeue checkpoint counts by its step too
+    _training_checkpoint(run / "checkpoints" / "step00000005.ckpt", 5)  # written last, but an earlier step
     assert resume_checkpoint(cfg) == str(run / "hpc_ckpt_1.ckpt")
     for path in run.glob("**/*.ckpt"):
         path.write_bytes(b"")
