@@ -28,7 +28,10 @@ def test_toklip_convert_from_the_shell(tmp_path):
 
 def test_toklip_convert_names_bad_input(tmp_path):
     missing_out = _toklip_convert("checkpoint=rel.pt", "released_preset=tiny_64", cwd=tmp_path)
-    assert missing_out.returncode != 0 and "out" in missing_out.stderr
+    assert missing_out.returncode != 0 and "Traceback" not in missing_out.stderr
+    assert missing_out.stderr.strip().splitlines()[-1] == (
+        "toklip-convert: required configuration keys are not set: out (set them on the command line, e.g. out=...)"
+    )
     no_file = _toklip_convert("checkpoint=nowhere.pt", "released_preset=tiny_64", "out=x.safetensors", cwd=tmp_path)
     assert no_file.returncode != 0 and "checkpoint not found: nowhere.pt (from checkpoint)" in no_file.stderr
 

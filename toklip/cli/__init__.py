@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..checkpoints import CheckpointError
-from ..config import CONFIG_MODULE, HYDRA_VERSION_BASE, ConfigError, check_brace_patterns
+from ..config import CONFIG_MODULE, HYDRA_VERSION_BASE, ConfigError, check_brace_patterns, check_required
 from ..data import DataQualityError
 from ..training.callbacks import RunPreempted
 
@@ -26,6 +26,7 @@ def _reporting_user_errors(task_main: Callable[[DictConfig], Any]) -> Callable[[
     @functools.wraps(task_main)
     def task(cfg: DictConfig) -> Any:
         try:
+            check_required(cfg)  # a key left at ??? is named in one line here, not met mid-task as a traceback
             return task_main(cfg)
         except Exception as err:
             cause = err if isinstance(err, USER_ERRORS) else err.__cause__  # Hydra's instantiate wraps errors
