@@ -65,9 +65,10 @@ def test_features_are_causal_and_pool_sees_everything(tiny, checkpointing):
         delta = (after - before).abs().amax(dim=-1)[0]
         assert torch.all(delta[: row * w] == 0)
         assert torch.all(delta[row * w :] > 0)
-        last_only = codes.clone()
-        last_only[:, -1, -1] = -last_only[:, -1, -1]
-        assert not torch.allclose(trunk.pool(trunk.features_from_codes(last_only)), trunk.pool(before))
+        for position in (0, h * w // 2, -1):  # the pool reads every token's features, not the last one's alone
+            nudged = before.detach().clone()
+            nudged[:, position] += 1
+            assert not torch.allclose(trunk.pool(nudged), trunk.pool(before))
     finally:
         trunk.gradient_checkpointing = False
 
@@ -104,6 +105,28 @@ def test_encode_indices_equals_encode_image(tiny):
     indices = tiny.tokenizer.encode(images).indices
     torch.testing.assert_close(tiny.encode_indices(indices), tiny.encode_image(images), rtol=0, atol=1e-5)
     assert tiny.token_features(images).shape == (2, 64, 128)
+    trained = toklip.build_toklip("tiny_64").eval()
+    with torch.no_grad():  # a trained codebook's rows are not unit-norm; the search and the lookup normalise them
+        trained.tokenizer.trainable_codebook().mul_(torch.rand(trained.tokenizer.codebook_size, 1) * 3 + 0.5)
+    indices = trained.tokenizer.encode(images).indices
+    torch.testing.assert_close(trained.encode_indices(indices), trained.encode_image(images), rtol=0, atol=1e-5)
+
+
+def test_the_trunk_ends_in_its_layer_norm():
+    trunk = toklip.build_toklip("tiny_64").visual.trunk
+    with torch.no_grad():
+        trunk.norm.weight.fill_(2.0), trunk.norm.bias.fill_(0.5)
+        features = trunk.features_from_codes(torch.randn(2, *trunk.grid, trunk.vq.code_dim))
+    torch.testing.assert_close(features.mean(-1), torch.full(features.shape[:2], 0.5), rtol=0, atol=1e-4)
+    torch.testing.assert_close(features.std(-1, unbiased=False), torch.full(features.shape[:2], 2.0), rtol=0, atol=1e-3)
+
+
+def test_the_text_embedding_reads_up_to_the_end_of_text_token(tiny):
+    tokens = toklip.get_text_tokenizer("tiny_64")(["a red circle", "two blue squares"])
+    padded_otherwise = tokens.clone()
+    for row, end in enumerate(tokens.argmax(-1).tolist()):  # the end-of-text token has the largest id
+        padded_otherwise[row, end + 1 :] = 320 + row
+    torch.testing.assert_close(tiny.encode_text(padded_otherwise), tiny.encode_text(tokens), rtol=0, atol=1e-6)
 
 
 def test_wrong_resolution_is_named(tiny):
