@@ -95,6 +95,7 @@ def test_required_keys_are_named_before_anything_is_built(tmp_path, monkeypatch)
     cfg = composed("experiment=toklip_s_256", output_dir=tmp_path)
     with pytest.raises(ValueError, match="data.train_urls, tokenizer.checkpoint"):
         check_required(cfg)
+    check_required(cfg, in_groups=False)  # what every tool checks first: its own keys (train's are all in groups)
     assert refused_before_building(cfg, monkeypatch).startswith("required configuration keys are not set: data.train_urls, ")
 
 

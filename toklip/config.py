@@ -115,9 +115,10 @@ def _missing_keys(node: Any, prefix: str = "") -> list[str]:
     return missing
 
 
-def check_required(cfg: DictConfig) -> None:
-    """Name every required (???) key left empty, before anything is built."""
-    missing = sorted(key for key in _missing_keys(cfg) if not key.startswith("hydra."))
+def check_required(cfg: DictConfig, *, in_groups: bool = True) -> None:
+    """Name every required (???) key left empty, before anything is built; with `in_groups=False` only the
+    top-level ones (a tool's own keys: a group's may be required only by a task the tool does not run)."""
+    missing = sorted(key for key in _missing_keys(cfg) if not key.startswith("hydra.") and (in_groups or "." not in key))
     if missing:
         raise ConfigError(
             f"required configuration keys are not set: {', '.join(missing)} (set them on the command line, e.g. {missing[0]}=...)"

@@ -26,7 +26,7 @@ def _reporting_user_errors(task_main: Callable[[DictConfig], Any]) -> Callable[[
     @functools.wraps(task_main)
     def task(cfg: DictConfig) -> Any:
         try:
-            check_required(cfg)  # a key left at ??? is named in one line here, not met mid-task as a traceback
+            check_required(cfg, in_groups=False)  # its own keys left at ???: one line here, not a traceback mid-task
             return task_main(cfg)
         except Exception as err:
             cause = err if isinstance(err, USER_ERRORS) else err.__cause__  # Hydra's instantiate wraps errors
