@@ -266,9 +266,28 @@ def test_teacher_weights_file_is_converted_and_missing_weights_are_named(tmp_pat
         convert_teacher("ViT-SO400M-16-SigLIP2-256", None, tmp_path / "t.safetensors")
 
 
-def test_siglip_text_tokenizer_offline_error():
-    with pytest.raises((ImportError, FileNotFoundError), match=r"toklip\[siglip\]|nothing is downloaded"):
+def test_siglip_text_tokenizer_offline_error(monkeypatch):
+    asked = {}
+
+    def from_pretrained(name, **options):  # what transformers is asked for, with or without HF_HUB_OFFLINE
+        asked.update(options, name=name)
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", from_pretrained)
+    with pytest.raises(FileNotFoundError, match=r"'timm/ViT-SO400M-16-SigLIP2-256' .* \(nothing is downloaded\); pass tokenizer_path="):
         toklip.get_text_tokenizer("toklip_s_256")
+    assert asked["name"] == "timm/ViT-SO400M-16-SigLIP2-256" and asked["local_files_only"] is True
+
+
+def test_siglip_text_tokenizer_reads_a_local_copy(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2, "a": 3, "red": 4, "circle": 5}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path)
+    tokens = toklip.get_text_tokenizer("toklip_s_256", tokenizer_path=tmp_path)(["a red circle"])
+    assert tokens.shape == (1, 64) and tokens[0, :4].tolist() == [3, 4, 5, 0]  # SigLIP2's 64 tokens, padded
 
 
 def test_teacher_weights_are_found_in_an_existing_hf_cache(tmp_path):

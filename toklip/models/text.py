@@ -56,7 +56,9 @@ def get_text_tokenizer_for(text: str | dict[str, Any], tokenizer_path: str | os.
         ) from None
     source = str(tokenizer_path) if tokenizer_path is not None else hf_name
     try:
-        return open_clip.tokenizer.HFTokenizer(source, context_length=context_length, **cfg.get("tokenizer_kwargs", {}))
+        return open_clip.tokenizer.HFTokenizer(
+            source, context_length=context_length, local_files_only=True, **cfg.get("tokenizer_kwargs", {})
+        )  # local_files_only: without it transformers fetches what the cache lacks, unless HF_HUB_OFFLINE is set
     except OSError as err:
         raise FileNotFoundError(
             f"text tokenizer {source!r} is neither a local directory nor in the Hugging Face cache "
