@@ -271,18 +271,12 @@ def test_resume_continues_the_same_loss_trajectory(tiny_teacher_checkpoint, synt
 
 def test_a_crash_while_writing_leaves_the_last_checkpoint_intact(tiny_teacher_checkpoint, synthetic_set, tmp_path, monkeypatch):
     _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path, max_steps=3)
+    from test_checkpoints import rename_fails_for
+
     last = tmp_path / "last.ckpt"
     before = last.read_bytes()
-    real_publish = toklip.checkpoints.publish
-
-    def half_written_then_the_disk_fails(temporary, target):
-        if target == last:
-            temporary.write_bytes(temporary.read_bytes()[: temporary.stat().st_size // 2])
-            raise OSError("disk full")
-        real_publish(temporary, target)
-
-    monkeypatch.setattr(toklip.checkpoints, "publish", half_written_then_the_disk_fails)
-    with pytest.raises(OSError, match="disk full"):
+    rename_fails_for(last, monkeypatch)  # the writer dies with the new checkpoint written beside the old one
+    with pytest.raises(OSError, match="killed mid-rename"):
         _fit(synthetic_set, tiny_teacher_checkpoint, tmp_path, max_steps=6, ckpt_path=str(last))
     assert list(tmp_path.glob("*step=6.ckpt"))  # the step's own checkpoint was written; last.ckpt's rewrite failed
     assert last.read_bytes() == before and read_checkpoint(last)["global_step"] == 3  # the old one, whole and verified

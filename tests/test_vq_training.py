@@ -29,10 +29,12 @@ def test_perceptual_term_compares_the_teachers_patch_tokens(tiny_teacher_checkpo
     m = perceptual_module(tiny_teacher_checkpoint, weight=3.0)
     losses, out = m.compute_losses(images)
     trunk = m.perceptual_teacher.visual.trunk  # a timm ViT; the images are already at its 64 px
-    expected = 3.0 * torch.nn.functional.mse_loss(trunk.forward_features(out["reconstruction"]), trunk.forward_features(images))
-    torch.testing.assert_close(losses["perceptual"], expected)
+    target = trunk.forward_features(images)
+    assert target.shape == (2, 64, 128)  # 64 px, patch 8: 8x8 tokens of width 128
+    torch.testing.assert_close(
+        losses["perceptual"], 3.0 * torch.nn.functional.mse_loss(trunk.forward_features(out["reconstruction"]), target)
+    )
     assert losses["perceptual"] > 0
-    assert trunk.forward_features(images).shape == (2, 64, 128)  # 64 px, patch 8: 8x8 tokens of width 128
 
 
 def test_perceptual_gradient_trains_the_vq_and_leaves_the_teacher_frozen(tiny_teacher_checkpoint, images):
