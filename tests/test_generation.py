@@ -229,6 +229,40 @@ def test_frechet_distance_and_clip_score_in_a_supplied_feature_space():
     torch.testing.assert_close(clip_score(image.expand(2, 2), text), torch.tensor([100 / 2**0.5, 0.0]))
 
 
+def test_the_scorer_classifies_and_scores_each_sample_against_its_own_prompt():
+    """A model whose image embedding is the normalised image's mean colour and whose text embedding is the
+    colour a prompt names: each score and prediction is worked out by hand."""
+    from toklip.generation.evaluation import SampleScorer
+
+    colours = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
+    names = list(colours)
+
+    class ColourModel(torch.nn.Module):
+        def encode_image(self, images):
+            return images.mean((2, 3))
+
+        def encode_text(self, tokens, normalize=False):
+            features = torch.tensor(list(colours.values()))[tokens]
+            return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def tokenizer(texts):  # a prompt's token: the colour it names
+        return torch.tensor([next(i for i, name in enumerate(names) if name in text.split()) for text in texts])
+
+    def solid(*rgb):
+        return torch.tensor(rgb).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+
+    red, green, blue, yellow = (solid(*rgb) for rgb in colours.values())
+    scorer = SampleScorer(ColourModel(), tokenizer, 16, (0.5,) * 3, (0.5,) * 3)
+    # Normalised, red is (1, -1, -1): cosine 1/sqrt(3) with the red prompt, and below 0 with green's.
+    scores = scorer.clip_scores(torch.cat([red, green]), ["a red square", "a green square"])
+    torch.testing.assert_close(scores, torch.full((2,), 100 / 3**0.5))
+    torch.testing.assert_close(scorer.clip_scores(torch.cat([red, green]), ["a green square", "a red square"]), torch.zeros(2))
+    images, templates = torch.cat([red, red, green, blue, yellow]), [lambda c: f"a {c} square", lambda c: f"{c}"]
+    assert scorer.zeroshot_predictions(images, names, templates).tolist() == [0, 0, 1, 2, 3]
+    assert scorer.zeroshot_accuracy(images, torch.tensor([0, 0, 1, 2, 3]), names, templates) == 1.0
+    assert scorer.zeroshot_accuracy(images, torch.tensor([0, 1, 1, 2, 0]), names, templates) == pytest.approx(0.6)
+
+
 def test_fsdp2_shards_the_generator_and_exports_it_whole(tiny_toklip, tmp_path):
     """Lightning's ModelParallelStrategy re-launches the script, so this runs as its own program."""
     import subprocess
