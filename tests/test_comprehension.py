@@ -330,12 +330,14 @@ def test_align_on_caption_shards_then_instruct_on_conversations_then_ask(tmp_pat
     assert isinstance(ask(ask_cfg)["answer"], str)
 
 
-def test_a_conversation_epoch_resumed_mid_way_neither_replays_nor_skips_a_record(tmp_path, tiny_lm):
+def test_a_conversation_epoch_resumed_mid_way_neither_replays_nor_skips_a_record(tmp_path, tiny_lm, monkeypatch):
+    from toklip.comprehension import data as conversation_data
     from toklip.comprehension.data import ConversationDataModule, EpochShuffle
 
     root = write_question_set(tmp_path / "set", QuestionSetConfig(train_images=16, test_images=1, image_size=32))
 
-    def make():
+    def make(rank=0, world_size=1):
+        monkeypatch.setattr(conversation_data, "rank_and_world", lambda: (rank, world_size))
         data = ConversationDataModule(
             root / "train.json", root / "images", tokenizer=tiny_lm, image_size=32, batch_size_per_device=4, num_workers=0, seed=3
         )
@@ -360,6 +362,15 @@ def test_a_conversation_epoch_resumed_mid_way_neither_replays_nor_skips_a_record
     resumed.load_state_dict(first.state_dict())
     tail = epoch(resumed, loader, 0) + epoch(resumed, loader, 1)
     assert len(full) == 8 and head + tail == full
+    assert resumed.state_dict() == {"epoch": 1, "batches": 4}  # the count restarts with each epoch
+    at_the_end, loader = make()  # a checkpoint of epoch 0's last step resumes with the whole of epoch 1
+    at_the_end.load_state_dict({"epoch": 0, "batches": 4})
+    assert epoch(at_the_end, loader, 1) == full[4:]
+    for rank in (0, 1):  # a position counts this rank's batches: 2 an epoch on each of two ranks
+        whole_epoch = epoch(*make(rank, world_size=2), 0)
+        resumed, loader = make(rank, world_size=2)
+        resumed.load_state_dict({"epoch": 0, "batches": 1})
+        assert len(whole_epoch) == 2 and epoch(resumed, loader, 0) == whole_epoch[1:]
     assert full[:4] != full[4:] and sorted(sum(full[:4], ())) == sorted(sum(full[4:], ()))  # a new order of the same records
     ranks = [list(EpochShuffle(range(10), seed=3, rank=rank, world_size=2)) for rank in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 5 and sorted(ranks[0] + ranks[1]) == list(range(10))
