@@ -4,6 +4,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def test_two_ranks_with_two_workers_encode_disjoint_parts_whose_union_is_the_inp
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     by_rank = {rank: {name for name, part in manifest["parts"].items() if part["rank"] == rank} for rank in (0, 1)}
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
+    # The manifest names one rank a part; what each rank says it encoded shows no part was encoded twice.
+    assert sorted(int(n) for n in re.findall(r"encoded (\d+) images", out)) == [128, 128]
     assert by_rank[0] | by_rank[1] == {shard.stem for shard in shards} and manifest["complete"]
     assert sorted(keys_of(sorted((tmp_path / "out").glob("*.tar")))) == sorted(keys_of(shards))  # each image once
     assert manifest["samples"] == len(keys_of(shards)) and manifest["settings"]["kind"] == "features"
