@@ -115,6 +115,8 @@ def test_resampled_streams_differ_by_rank_and_worker(eighty):
                 streams[rank, worker] = [int(i) for b in stream if "text" in b for i in b["text"][:, 0]]  # not the closing report
     assert all(len(s) == 10 for s in streams.values())  # 4 batches a rank, 2 a worker
     assert len({tuple(s) for s in streams.values()}) == 4
+    # ... in the shards they draw (sample i lies in shard i // 10), not only in the sample shuffle's order.
+    assert len({frozenset(i // 10 for i in s) for s in streams.values()}) == 4
 
 
 def test_stream_is_deterministic_for_a_seed_and_reshuffles_by_epoch(eighty):
