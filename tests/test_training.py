@@ -1,6 +1,7 @@
 """TokLIPModule: gradients, DDP and FSDP2 on CPU, optimisation, schedule, checkpoints, resume, export."""
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -208,26 +209,39 @@ def test_fsdp2_runs_two_steps_on_cpu(tiny_teacher_checkpoint, synthetic_set, tmp
     script = tmp_path / "fsdp2.py"
     script.write_text(
         textwrap.dedent(f"""
-        import lightning as L, toklip
+        import json, lightning as L, toklip
         from lightning.pytorch.callbacks import ModelCheckpoint
+        from torch.distributed.tensor import DTensor
         from toklip.training.checkpointing import AtomicCheckpointIO
         from toklip.training.strategies import fsdp2
+        def sums():  # each trainable weight's sum, whole (gathered from the shards)
+            return {{n: float((p.full_tensor() if isinstance(p, DTensor) else p).detach().double().sum())
+                    for n, p in m.model.named_parameters() if p.requires_grad}}
         dm = toklip.TokLIPDataModule({synthetic_set.train_urls!r}, text_tokenizer=toklip.get_text_tokenizer("tiny_64"),
                                      image_size=64, train_num_samples=64, batch_size_per_device=4, num_workers=0)
         m = toklip.TokLIPModule("tiny_64", teacher={{"checkpoint": {str(tiny_teacher_checkpoint)!r}}}, optim={{"lr": 1e-3, "warmup_steps": 1, "total_steps": 2}})
+        before = sums()
         t = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=fsdp2(data_parallel_size=2), plugins=[AtomicCheckpointIO()],
                       logger=False, enable_progress_bar=False,
                       callbacks=[toklip.training.ExportModel({str(tmp_path)!r}, "fsdp2.safetensors"),
                                  ModelCheckpoint({str(tmp_path / "checkpoints")!r}, save_last=True)])
         t.fit(m, dm)
         print(f"rank {{t.global_rank}} steps {{t.global_step}} sharded {{type(m.model.visual.trunk.blocks[0].attn.qkv.weight).__name__}}")
+        print("sums", json.dumps({{"before": before, "after": sums()}}))
     """)
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0 steps 2 sharded DTensor" in done.stdout and "rank 1 steps 2 sharded DTensor" in done.stdout
+    ranks = [json.loads(line.removeprefix("sums ")) for line in done.stdout.splitlines() if line.startswith("sums ")]
+    # The ranks end with one model (a weight left out of the shards would drift apart), and every weight trained.
+    assert len(ranks) == 2 and ranks[0]["after"] == ranks[1]["after"]
+    before, after = ranks[0]["before"], ranks[0]["after"]
+    assert after.keys() == before.keys() and [n for n in after if after[n] == before[n]] == []
     exported = toklip.load_toklip(tmp_path / "fsdp2.safetensors")
     assert exported.visual.trunk.blocks[0].attn.qkv.weight.shape == (384, 128)
+    exported_sums = {n: float(p.double().sum()) for n, p in exported.named_parameters() if n in after}
+    assert exported_sums.keys() == after.keys() and exported_sums == pytest.approx(after, rel=1e-6, abs=1e-6)
     # One file, gathered from the shards and written whole with its checksum: what resume=latest reads.
     last = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt", allowed_globals=NUMPY_SCALARS)
     assert last["global_step"] == 2 and (tmp_path / "checkpoints" / "last.ckpt.sha256").is_file()
