@@ -278,26 +278,36 @@ def test_fsdp2_shards_the_generator_and_exports_it_whole(tiny_toklip, tmp_path):
     script.write_text(
         textwrap.dedent(f"""
         import lightning as L, torch
+        from torch.distributed.fsdp import FSDPModule
         from toklip.generation import GeneratorModule
         from toklip.training import ExportModel
         from toklip.training.strategies import fsdp2
         g = torch.Generator().manual_seed(0)
         batches = [{{"indices": torch.randint(0, 1024, (4, 8, 8), generator=g), "label": torch.randint(0, 3, (4,), generator=g)}}
                    for _ in range(2)]
+        torch.manual_seed(0)  # as `train` seeds every rank: one initial model
         m = GeneratorModule({str(export)!r}, condition="class", num_classes=3, input_mode="codes+toklip",
                             optim={{"lr": 1e-3, "warmup_steps": 1, "total_steps": 2}})
         t = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=fsdp2(data_parallel_size=2), logger=False,
                       enable_progress_bar=False, enable_checkpointing=False, callbacks=[ExportModel({str(tmp_path)!r}, "generator.safetensors")])
+        before = float(m.generator.backbone.layers[0].self_attn.q_proj.weight.detach().double().sum())
         t.fit(m, torch.utils.data.DataLoader(batches, batch_size=None))
         layer = m.generator.backbone.layers[0].self_attn.q_proj.weight
-        print(f"rank {{t.global_rank}} steps {{t.global_step}} sharded {{type(layer).__name__}}")
+        after = float(layer.full_tensor().detach().double().sum())
+        sharded = isinstance(m.generator.backbone.layers[0], FSDPModule)
+        print(f"rank {{t.global_rank}} steps {{t.global_step}} sharded {{type(layer).__name__}} layer-sharded {{sharded}} sums", before, after)
     """)
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0 steps 2 sharded DTensor" in done.stdout and "rank 1 steps 2 sharded DTensor" in done.stdout
+    lines = sorted(line.split(" sums ") for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert [head for head, _ in lines] == [f"rank {r} steps 2 sharded DTensor layer-sharded True" for r in (0, 1)]
+    (before, after), other = (map(float, sums.split()) for sums in (lines[0][1], lines[1][1]))
+    assert list(other) == [before, after] and abs(after - before) > 1e-3  # one model on both ranks, and it trained
     generator, _ = load_generator(tmp_path / "generator.safetensors")  # gathered from the shards, whole
-    assert generator.backbone.layers[0].self_attn.q_proj.weight.shape == (128, 128) and generator.num_classes == 3
+    exported = generator.backbone.layers[0].self_attn.q_proj.weight
+    assert exported.shape == (128, 128) and generator.num_classes == 3
+    assert float(exported.double().sum()) == pytest.approx(after, abs=1e-6)
 
 
 def test_a_class_id_is_read_from_cls_and_a_sample_without_one_is_skipped_as_no_label():
