@@ -474,18 +474,24 @@ def test_two_ranks_train_the_language_model_and_export_it_whole(tmp_path, tiny_l
 
 
 def test_fsdp_wraps_each_decoder_layer_of_any_hugging_face_lm():
-    """FSDP1's wrap units are Hugging Face's decoder-layer base class, not one architecture's layer."""
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """FSDP1's wrap and activation-checkpointing units are Hugging Face's decoder-layer base class, not one
+    architecture's layer, and the token encoder's causal block."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from toklip.training.strategies import WRAP_UNITS
+    from toklip.training.strategies import fsdp
 
-    qwen = Qwen2ForCausalLM(
-        Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
-    )
-    policy = ModuleWrapPolicy(WRAP_UNITS)
-    wrapped = [m for m in qwen.modules() if policy(m, recurse=False, nonwrapped_numel=0)]
-    assert wrapped == list(qwen.model.layers)
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "vocab_size": 32}  # fmt: skip
+    strategy = fsdp(activation_checkpointing=True)
+    policies = {"wrap": strategy.kwargs["auto_wrap_policy"], "checkpoint": strategy._activation_checkpointing_kwargs["auto_wrap_policy"]}
+    toklip_model = toklip.build_toklip("tiny_64")
+    for model, layers in (
+        (Qwen2ForCausalLM(Qwen2Config(**sizes)), lambda m: list(m.model.layers)),
+        (LlamaForCausalLM(LlamaConfig(**sizes)), lambda m: list(m.model.layers)),
+        (toklip_model.visual.trunk, lambda m: list(m.blocks)),
+    ):
+        for policy in policies.values():
+            assert [m for m in model.modules() if policy(m, recurse=False, nonwrapped_numel=0)] == layers(model)
 
 
 def test_an_export_of_other_sizes_is_refused_naming_the_weights(tmp_path, tiny_lm, frozen_parts):
