@@ -10,13 +10,15 @@ from omegaconf import OmegaConf, open_dict
 
 import toklip
 from toklip.config import ConfigError
+from toklip.evaluation import evaluate
 from toklip.generation import load_generator
 from toklip.miniature import pipeline, run_demo
 from toklip.miniature.comprehension import SCORES, run_comprehension, summarise
 from toklip.miniature.generation import METRICS, run_generation
 from toklip.miniature.generation import summarise as summarise_generation
 from toklip.miniature.report import comprehension_rows, generation_rows, target_table
-from toklip.models.teacher import Teacher, read_open_clip_state_dict
+from toklip.models.teacher import Teacher, open_clip_config, read_open_clip_state_dict
+from toklip.models.text import get_text_tokenizer_for
 from toklip.training.callbacks import RunPreempted
 
 REDUCED = [
@@ -50,6 +52,14 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     assert results["classes"] == 42 and set(results["teacher"]) == set(results["toklip"])
     assert 0 < results["vq"]["codebook_usage"] <= 1 and results["vq"]["psnr"] > 0
     assert summary["seconds"]["total"] > 0
+    # The TokLIP row is TokLIP's own scores, and the report shows the results it was written from.
+    stage3_cfg = OmegaConf.load(out / "toklip" / "config.yaml")
+    tokenizer_of_text = get_text_tokenizer_for(open_clip_config(stage3_cfg.teacher.model)["text_cfg"])
+    assert results["toklip"] == evaluate(model, pipeline.held_out_sets(stage3_cfg), tokenizer_of_text, num_workers=0)
+    for role in ("teacher", "toklip"):
+        cells = next(line for line in report.splitlines() if line.startswith(f"| {role} | ")).split(" | ")[1:]
+        assert cells[:2] == [f"{results[role]['zeroshot/top1']:.3f}", f"{results[role]['zeroshot/top5']:.3f}"]
+    assert f"| TokLIP zero-shot top-1 | {results['toklip']['zeroshot/top1']:.1%} (" in report
     stage3 = json.loads((out / "toklip" / "metrics.json").read_text())
     assert 0 < stage3["train/input_alignment_r2"] <= 1  # demo_toklip warm-starts the token embedding
     # The VQ stage reads the stage-1 teacher as its perceptual network; every stage gets the demo's seed.
@@ -74,6 +84,10 @@ def test_reduced_miniature_runs_end_to_end(tmp_path, monkeypatch):
     assert [(r["mode"], r["seed"]) for r in summary["runs"]] == [("codes", 0), ("codes+toklip", 0), ("codes", 1), ("codes+toklip", 1)]
     assert all(r["fd"] > 0 and 0 <= r["prompt_accuracy"] <= 1 and 0 <= r["clip_score"] <= 100 for r in summary["runs"])
     assert summary["difference"]["fd"]["n"] == 2 and summary["classes"] == 42
+    by_run = {(r["mode"], r["seed"]): r for r in summary["runs"]}
+    for metric in METRICS:  # paired by seed: codes+toklip - codes
+        gains = [by_run["codes+toklip", seed][metric] - by_run["codes", seed][metric] for seed in (0, 1)]
+        assert summary["difference"][metric]["mean"] == pytest.approx(sum(gains) / 2)
     report = (out / "report.md").read_text()
     assert "| teacher zero-shot top-1 |" in report and report.count("## Generation") == 1
     assert "| codes+toklip − codes (paired by seed) |" in report and (out / "generation_samples.png").is_file()
