@@ -189,7 +189,11 @@ def _ddp_step(rank, world, port, teacher, options, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("options", [{}, {"local_loss": True, "gather_with_grad": True}], ids=["gathered-no-grad", "local-loss"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"local_loss": True, "gather_with_grad": True}, {"contrastive": "siglip"}],
+    ids=["gathered-no-grad", "local-loss", "siglip"],
+)
 def test_two_process_ddp_step_equals_one_process_over_the_global_batch(tiny_teacher_checkpoint, tmp_path, free_port, options):
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_step, args=(2, free_port, str(tiny_teacher_checkpoint), options, str(out)), nprocs=2, join=True)
