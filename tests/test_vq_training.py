@@ -98,7 +98,8 @@ def _restart_on_rank(rank, world, port, out):
     result = m.quantize(torch.rand(2, 3, 64, 64) * 2 - 1)
     used = torch.unique(result["indices"])
     dead = m.restart_dead_codes(used, result["latents"], step=1)
-    torch.save({"used": used, "dead": dead, "codebook": m.vq.quantize.embedding.weight.detach()}, f"{out}.{rank}")
+    latents = result["latents"].reshape(-1, result["latents"].shape[-1])
+    torch.save({"used": used, "dead": dead, "codebook": m.vq.quantize.embedding.weight.detach(), "latents": latents}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -112,6 +113,8 @@ def test_ddp_ranks_restart_the_same_codes_to_the_same_vectors(tmp_path, free_por
     for r in ranks:
         assert torch.equal(r["dead"], _unused(used_anywhere, 1024))
     assert torch.equal(ranks[0]["codebook"], ranks[1]["codebook"])
+    # ... rank 0's: each new vector is one of its latents plus 0.01-scale noise (not, say, a mean over ranks).
+    assert torch.cdist(ranks[0]["codebook"][ranks[0]["dead"]], ranks[0]["latents"]).min(dim=1).values.max() < 0.2
 
 
 def test_the_vq_trains_in_train_mode_and_its_teacher_stays_frozen(tiny_teacher_checkpoint):
