@@ -208,8 +208,8 @@ def test_a_cached_step_equals_the_live_step_on_the_same_crop(frozen_parts, synth
     }
     cached_losses = cached.compute_losses(cached_batch)
     assert live_losses.keys() == cached_losses.keys() == {"contrastive", "distill", *(["token_distill"] if wants_tokens else [])}
-    for name in live_losses:
-        assert torch.equal(live_losses[name], cached_losses[name]), name  # exactly, on CPU fp32
+    for name in live_losses:  # to fp32 rounding: the cache's teacher ran on a batch of other size than the live step's
+        torch.testing.assert_close(cached_losses[name], live_losses[name], rtol=1e-6, atol=0, msg=name)
     assert not torch.equal(stored["indices"][:, 0], stored["indices"][:, 1])  # the views are other crops
 
 
