@@ -208,6 +208,28 @@ def test_two_process_ddp_step_equals_one_process_over_the_global_batch(tiny_teac
         assert torch.allclose(ddp["grads"][name], grad, atol=1e-5), name
 
 
+def test_the_reference_gradient_scale_gives_features_one_world_th_of_the_single_process_gradient(
+    tiny_teacher_checkpoint, tmp_path, free_port
+):
+    """`match_single_process=False`, the reference's DDP: a rank's features get the gradient of its own rows
+    only, which DDP then averages; the logit scale, in every rank's whole loss, keeps its gradient. With
+    the contrastive loss alone, on two ranks: half the single-process gradient, the logit scale's whole."""
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_step, args=(2, free_port, str(tiny_teacher_checkpoint), {"match_single_process": False, "distill_weight": 0.0}, str(out)),
+             nprocs=2, join=True)  # fmt: skip
+    ddp = torch.load(out, weights_only=True)
+    m = module(tiny_teacher_checkpoint, distill_weight=0.0)
+    total = sum(m.compute_losses(random_batch(8)).values())
+    total.backward()
+    assert ddp["loss"].item() == pytest.approx(total.item(), abs=1e-5)
+    single = {n: p.grad for n, p in m.model.named_parameters() if p.grad is not None}
+    assert single.keys() == ddp["grads"].keys() and "logit_scale" in single
+    for name, grad in single.items():
+        expected = grad if name == "logit_scale" else grad / 2
+        assert torch.allclose(ddp["grads"][name], expected, atol=1e-5), name
+        assert name == "logit_scale" or not torch.allclose(ddp["grads"][name], grad, atol=1e-5), name
+
+
 def test_fsdp2_runs_two_steps_on_cpu(tiny_teacher_checkpoint, synthetic_set, tmp_path):
     """Lightning's ModelParallelStrategy re-launches the script, so this runs as its own program."""
     script = tmp_path / "fsdp2.py"
