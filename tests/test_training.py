@@ -189,21 +189,28 @@ def _ddp_step(rank, world, port, teacher, options, out):
     dist.destroy_process_group()
 
 
+def _two_processes_and_one(teacher, tmp_path, port, options) -> tuple[dict, dict]:
+    """One step over the global batch of 8 on two DDP processes and on one: the processes' loss and
+    gradients (rank 0's), and the single process's gradients; the two losses must agree."""
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_step, args=(2, port, str(teacher), options, str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    m = module(teacher, **options)
+    total = sum(m.compute_losses(random_batch(8)).values())
+    total.backward()
+    assert ddp["loss"].item() == pytest.approx(total.item(), abs=1e-5)
+    single = {n: p.grad for n, p in m.model.named_parameters() if p.grad is not None}
+    assert single.keys() == ddp["grads"].keys()
+    return ddp, single
+
+
 @pytest.mark.parametrize(
     "options",
     [{}, {"local_loss": True, "gather_with_grad": True}, {"contrastive": "siglip"}],
     ids=["gathered-no-grad", "local-loss", "siglip"],
 )
 def test_two_process_ddp_step_equals_one_process_over_the_global_batch(tiny_teacher_checkpoint, tmp_path, free_port, options):
-    out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_step, args=(2, free_port, str(tiny_teacher_checkpoint), options, str(out)), nprocs=2, join=True)
-    ddp = torch.load(out, weights_only=True)
-    m = module(tiny_teacher_checkpoint, **options)
-    total = sum(m.compute_losses(random_batch(8)).values())
-    total.backward()
-    assert ddp["loss"].item() == pytest.approx(total.item(), abs=1e-5)
-    single = {n: p.grad for n, p in m.model.named_parameters() if p.grad is not None}
-    assert single.keys() == ddp["grads"].keys()
+    ddp, single = _two_processes_and_one(tiny_teacher_checkpoint, tmp_path, free_port, options)
     for name, grad in single.items():
         assert torch.allclose(ddp["grads"][name], grad, atol=1e-5), name
 
@@ -214,16 +221,9 @@ def test_the_reference_gradient_scale_gives_features_one_world_th_of_the_single_
     """`match_single_process=False`, the reference's DDP: a rank's features get the gradient of its own rows
     only, which DDP then averages; the logit scale, in every rank's whole loss, keeps its gradient. With
     the contrastive loss alone, on two ranks: half the single-process gradient, the logit scale's whole."""
-    out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_step, args=(2, free_port, str(tiny_teacher_checkpoint), {"match_single_process": False, "distill_weight": 0.0}, str(out)),
-             nprocs=2, join=True)  # fmt: skip
-    ddp = torch.load(out, weights_only=True)
-    m = module(tiny_teacher_checkpoint, distill_weight=0.0)
-    total = sum(m.compute_losses(random_batch(8)).values())
-    total.backward()
-    assert ddp["loss"].item() == pytest.approx(total.item(), abs=1e-5)
-    single = {n: p.grad for n, p in m.model.named_parameters() if p.grad is not None}
-    assert single.keys() == ddp["grads"].keys() and "logit_scale" in single
+    options = {"match_single_process": False, "distill_weight": 0.0}
+    ddp, single = _two_processes_and_one(tiny_teacher_checkpoint, tmp_path, free_port, options)
+    assert "logit_scale" in single
     for name, grad in single.items():
         expected = grad if name == "logit_scale" else grad / 2
         assert torch.allclose(ddp["grads"][name], expected, atol=1e-5), name
