@@ -443,6 +443,7 @@ def test_two_ranks_train_the_language_model_and_export_it_whole(tmp_path, tiny_l
         from torch.distributed.tensor import DTensor
         from toklip.comprehension import ComprehensionModule, Conversation, Turn
         from toklip.comprehension.data import ConversationEncoder, collate_conversations
+        from toklip.distributed import end_process_group
         from toklip.training import ExportModel
         from toklip.training.strategies import ddp, fsdp2
         m = ComprehensionModule({{"path": {str(tiny_lm)!r}, "gradient_checkpointing": True}}, {{"kind": "toklip", "checkpoint": {str(toklip_export)!r}}},
@@ -460,6 +461,7 @@ def test_two_ranks_train_the_language_model_and_export_it_whole(tmp_path, tiny_l
         print(f"rank {{t.global_rank}} steps {{t.global_step}} weights {{type(layer).__name__}}")
         report = f"{{isinstance(layers[0], FSDPModule)}} {{float(whole.detach().double().sum())!r}}"
         pathlib.Path({str(tmp_path)!r}, f"rank{{t.global_rank}}.txt").write_text(report)  # a file: two ranks' prints can interleave
+        end_process_group()  # as the tools end: else gloo can abort the exit after the last gather
     """)
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -279,6 +279,7 @@ def test_fsdp2_shards_the_generator_and_exports_it_whole(tiny_toklip, tmp_path):
         textwrap.dedent(f"""
         import lightning as L, pathlib, torch
         from torch.distributed.fsdp import FSDPModule
+        from toklip.distributed import end_process_group
         from toklip.generation import GeneratorModule
         from toklip.training import ExportModel
         from toklip.training.strategies import fsdp2
@@ -297,6 +298,7 @@ def test_fsdp2_shards_the_generator_and_exports_it_whole(tiny_toklip, tmp_path):
         print(f"rank {{t.global_rank}} steps {{t.global_step}} sharded {{type(layer).__name__}}")
         report = f"{{isinstance(m.generator.backbone.layers[0], FSDPModule)}} {{before!r}} {{after!r}}"
         pathlib.Path({str(tmp_path)!r}, f"rank{{t.global_rank}}.txt").write_text(report)  # a file: two ranks' prints can interleave
+        end_process_group()  # as the tools end: else gloo can abort the exit after the last gather
     """)
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 import toklip
 from toklip.checkpoints import NUMPY_SCALARS, CheckpointError, read_checkpoint
 from toklip.data import DataQualityError
+from toklip.distributed import end_process_group
 from toklip.losses import MAX_LOGIT_SCALE, LossSettings, SigLipLoss
 from toklip.training import AdamWCosine, CheckpointOnPreemption, ExportModel, TokLIPModule, param_groups, warmup_cosine
 from toklip.training.checkpointing import AtomicCheckpointIO
@@ -186,7 +187,7 @@ def _ddp_step(rank, world, port, teacher, options, out):
     if rank == 0:
         grads = {n: p.grad for n, p in m.model.named_parameters() if p.grad is not None}
         torch.save({"loss": loss, "grads": grads}, out)
-    dist.destroy_process_group()
+    end_process_group()  # not destroy alone: gloo can abort the exit (toklip.distributed)
 
 
 def _two_processes_and_one(teacher, tmp_path, port, options) -> tuple[dict, dict]:
@@ -239,6 +240,7 @@ def test_fsdp2_runs_two_steps_on_cpu(tiny_teacher_checkpoint, synthetic_set, tmp
         from lightning.pytorch.callbacks import ModelCheckpoint
         from torch.distributed.tensor import DTensor
         from toklip.training.checkpointing import AtomicCheckpointIO
+        from toklip.distributed import end_process_group
         from toklip.training.strategies import fsdp2
         def sums():  # each trainable weight's sum, whole (gathered from the shards)
             return {{n: float((p.full_tensor() if isinstance(p, DTensor) else p).detach().double().sum())
@@ -255,6 +257,7 @@ def test_fsdp2_runs_two_steps_on_cpu(tiny_teacher_checkpoint, synthetic_set, tmp
         print(f"rank {{t.global_rank}} steps {{t.global_step}} sharded {{type(m.model.visual.trunk.blocks[0].attn.qkv.weight).__name__}}")
         after = sums()  # a collective: every rank gathers
         pathlib.Path({str(tmp_path)!r}, f"sums{{t.global_rank}}.json").write_text(json.dumps({{"before": before, "after": after}}))
+        end_process_group()  # as the tools end: else gloo can abort the exit after the last gather
     """)
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from ..checkpoints import CheckpointError
 from ..config import CONFIG_MODULE, HYDRA_VERSION_BASE, ConfigError, check_brace_patterns, check_required
 from ..data import DataQualityError
+from ..distributed import end_process_group
 from ..training.callbacks import RunPreempted
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # the configs ship inside the package
@@ -27,7 +28,9 @@ def _reporting_user_errors(task_main: Callable[[DictConfig], Any]) -> Callable[[
     def task(cfg: DictConfig) -> Any:
         try:
             check_required(cfg, in_groups=False)  # its own keys left at ???: one line here, not a traceback mid-task
-            return task_main(cfg)
+            result = task_main(cfg)
+            end_process_group()  # on CPU, a clean exit for every rank (gloo can abort it otherwise)
+            return result
         except Exception as err:
             cause = err if isinstance(err, USER_ERRORS) else err.__cause__  # Hydra's instantiate wraps errors
             if not isinstance(cause, USER_ERRORS) or os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -1,0 +1,57 @@
+"""A run's process group ends with every rank: each waits for the last, the group goes, gloo's threads get a
+pause; never on an error."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from toklip.cli import tool
+from toklip.distributed import GLOO_GRACE_SECONDS, end_process_group
+
+
+def _end_late(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    time.sleep(1.0 if rank == 1 else 0.0)  # rank 1 finishes its work a second after rank 0
+    start = time.monotonic()
+    end_process_group()
+    report = {"waited": time.monotonic() - start, "alive": dist.is_initialized()}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def test_each_rank_waits_for_the_last_then_the_group_is_destroyed(tmp_path, free_port):
+    mp.spawn(_end_late, args=(free_port, str(tmp_path)), nprocs=2, join=True)
+    first, last = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert first["waited"] > 0.8 and last["waited"] < 0.5, (first, last)  # rank 0 left only when rank 1 came
+    assert last["waited"] >= GLOO_GRACE_SECONDS  # and even the last pauses for gloo's threads to free their tensors
+    assert not first["alive"] and not last["alive"]
+
+
+@pytest.fixture
+def group_of_one(free_port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_tool_ends_the_process_group_when_its_task_succeeds(group_of_one):
+    assert tool("train")(lambda cfg: "done")(OmegaConf.create({})) == "done"
+    assert not dist.is_initialized()
+
+
+def test_a_tool_whose_task_fails_leaves_the_process_group_alone(group_of_one):
+    """On an error path the other ranks may never reach a barrier: waiting for them would hang the failure."""
+
+    def fail(cfg):
+        raise RuntimeError("the task failed")
+
+    with pytest.raises(RuntimeError, match="the task failed"):
+        tool("train")(fail)(OmegaConf.create({}))
+    assert dist.is_initialized()
