@@ -1,5 +1,10 @@
+import json
 import os
 import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable; nothing may download
@@ -19,6 +24,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def run_on_two_ranks(tmp_path) -> Callable[[str], tuple[str, list]]:
+    """Runs a script on two CPU ranks as its own program (Lightning's launchers re-launch it). The script
+    builds the Trainer `t` and leaves each rank's `report` (JSON); returned: its stdout and the reports,
+    each through a file of its own (two ranks' prints can interleave)."""
+
+    def run(body: str) -> tuple[str, list]:
+        script = tmp_path / "two_ranks.py"
+        script.write_text(
+            textwrap.dedent(body)
+            + textwrap.dedent(f"""
+            import json, pathlib
+            from toklip.distributed import end_process_group
+            pathlib.Path({str(tmp_path)!r}, f"report{{t.global_rank}}.json").write_text(json.dumps(report))
+            end_process_group()  # as the tools end: else gloo can abort the exit after the last gather
+            """)
+        )
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout, [json.loads((tmp_path / f"report{rank}.json").read_text()) for rank in (0, 1)]
+
+    return run
 
 
 @pytest.fixture

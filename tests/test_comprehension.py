@@ -425,25 +425,18 @@ def test_lora_trains_adapters_only_and_its_export_answers_as_the_module_did(tmp_
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
-def test_two_ranks_train_the_language_model_and_export_it_whole(tmp_path, tiny_lm, toklip_export, strategy):
+def test_two_ranks_train_the_language_model_and_export_it_whole(tmp_path, tiny_lm, toklip_export, strategy, run_on_two_ranks):
     """Lightning re-launches the script for each rank, so this runs as its own program. FSDP2 shards each
     LM layer (DTensor weights); DDP keeps a whole copy on each rank."""
-    import subprocess
-    import sys
-    import textwrap
-
     from toklip.comprehension import load_comprehension
     from toklip.comprehension.language_model import load_language_model
 
-    script = tmp_path / "fsdp2.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import lightning as L, pathlib, torch
+    stdout, reports = run_on_two_ranks(f"""
+        import lightning as L, torch
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
         from toklip.comprehension import ComprehensionModule, Conversation, Turn
         from toklip.comprehension.data import ConversationEncoder, collate_conversations
-        from toklip.distributed import end_process_group
         from toklip.training import ExportModel
         from toklip.training.strategies import ddp, fsdp2
         m = ComprehensionModule({{"path": {str(tiny_lm)!r}, "gradient_checkpointing": True}}, {{"kind": "toklip", "checkpoint": {str(toklip_export)!r}}},
@@ -459,20 +452,14 @@ def test_two_ranks_train_the_language_model_and_export_it_whole(tmp_path, tiny_l
         layer = layers[0].self_attn.q_proj.weight
         whole = layer.full_tensor() if isinstance(layer, DTensor) else layer
         print(f"rank {{t.global_rank}} steps {{t.global_step}} weights {{type(layer).__name__}}")
-        report = f"{{isinstance(layers[0], FSDPModule)}} {{float(whole.detach().double().sum())!r}}"
-        pathlib.Path({str(tmp_path)!r}, f"rank{{t.global_rank}}.txt").write_text(report)  # a file: two ranks' prints can interleave
-        end_process_group()  # as the tools end: else gloo can abort the exit after the last gather
+        report = [isinstance(layers[0], FSDPModule), float(whole.detach().double().sum())]
     """)
-    )
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    kind, sharded = ("DTensor", "True") if strategy == "fsdp2" else ("Parameter", "False")
-    assert f"rank 0 steps 2 weights {kind}" in done.stdout and f"rank 1 steps 2 weights {kind}" in done.stdout
-    reports = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)]
+    kind, sharded = ("DTensor", True) if strategy == "fsdp2" else ("Parameter", False)
+    assert f"rank 0 steps 2 weights {kind}" in stdout and f"rank 1 steps 2 weights {kind}" in stdout
     assert reports[0] == reports[1] and reports[0][0] == sharded  # each layer its own FSDP2 unit; one model on both ranks
     model = load_comprehension(tmp_path / "comprehension.safetensors")  # whole (gathered from the shards under FSDP2)
     exported = model.language_model.model.layers[0].self_attn.q_proj.weight
-    assert exported.shape == (64, 64) and float(exported.double().sum()) == pytest.approx(float(reports[0][1]), abs=1e-6)
+    assert exported.shape == (64, 64) and float(exported.double().sum()) == pytest.approx(reports[0][1], abs=1e-6)
     untrained = load_language_model(tiny_lm)[0].model.layers[0].self_attn.q_proj.weight
     assert (exported - untrained).abs().max() > 1e-4  # the language model trained, and its export is the trained one
 

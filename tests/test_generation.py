@@ -263,23 +263,15 @@ def test_the_scorer_classifies_and_scores_each_sample_against_its_own_prompt():
     assert scorer.zeroshot_accuracy(images, torch.tensor([0, 1, 1, 2, 0]), names, templates) == pytest.approx(0.6)
 
 
-def test_fsdp2_shards_the_generator_and_exports_it_whole(tiny_toklip, tmp_path):
-    """Lightning's ModelParallelStrategy re-launches the script, so this runs as its own program."""
-    import subprocess
-    import sys
-    import textwrap
-
+def test_fsdp2_shards_the_generator_and_exports_it_whole(tiny_toklip, tmp_path, run_on_two_ranks):
     from toklip.generation import load_generator
     from toklip.models.factory import export_toklip
     from toklip.models.presets import preset
 
     export = export_toklip(tiny_toklip.state_dict(), preset("tiny_64"), tmp_path / "toklip.safetensors")
-    script = tmp_path / "fsdp2.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import lightning as L, pathlib, torch
+    stdout, reports = run_on_two_ranks(f"""
+        import lightning as L, torch
         from torch.distributed.fsdp import FSDPModule
-        from toklip.distributed import end_process_group
         from toklip.generation import GeneratorModule
         from toklip.training import ExportModel
         from toklip.training.strategies import fsdp2
@@ -296,17 +288,11 @@ def test_fsdp2_shards_the_generator_and_exports_it_whole(tiny_toklip, tmp_path):
         layer = m.generator.backbone.layers[0].self_attn.q_proj.weight
         after = float(layer.full_tensor().detach().double().sum())
         print(f"rank {{t.global_rank}} steps {{t.global_step}} sharded {{type(layer).__name__}}")
-        report = f"{{isinstance(m.generator.backbone.layers[0], FSDPModule)}} {{before!r}} {{after!r}}"
-        pathlib.Path({str(tmp_path)!r}, f"rank{{t.global_rank}}.txt").write_text(report)  # a file: two ranks' prints can interleave
-        end_process_group()  # as the tools end: else gloo can abort the exit after the last gather
+        report = [isinstance(m.generator.backbone.layers[0], FSDPModule), before, after]
     """)
-    )
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0 steps 2 sharded DTensor" in done.stdout and "rank 1 steps 2 sharded DTensor" in done.stdout
-    reports = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)]
-    assert reports[0] == reports[1] and reports[0][0] == "True"  # each layer its own FSDP2 unit; one model on both ranks
-    before, after = map(float, reports[0][1:])
+    assert "rank 0 steps 2 sharded DTensor" in stdout and "rank 1 steps 2 sharded DTensor" in stdout
+    assert reports[0] == reports[1] and reports[0][0] is True  # each layer its own FSDP2 unit; one model on both ranks
+    before, after = reports[0][1:]
     assert abs(after - before) > 1e-3  # it trained
     generator, _ = load_generator(tmp_path / "generator.safetensors")  # gathered from the shards, whole
     exported = generator.backbone.layers[0].self_attn.q_proj.weight
