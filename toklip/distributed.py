@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 GLOO_GRACE_SECONDS = 0.1  # for gloo's worker threads to free the last collective's tensors (end_process_group)
 
@@ -29,6 +31,20 @@ def from_rank_zero_(tensor: torch.Tensor) -> torch.Tensor:
     if rank_and_world()[1] > 1:
         dist.broadcast(tensor, src=0)
     return tensor
+
+
+def module_from_first_rank_(module: nn.Module, group: dist.ProcessGroup, device: torch.device) -> None:
+    """In place: the first rank of `group`'s parameters and buffers on every rank of it, sent through
+    `device` (the group's: CUDA for NCCL) one tensor at a time, so no rank holds a second whole model.
+
+    DDP does this when it wraps a model; FSDP2 does not, and shards whatever each rank built. Tensors
+    still on the meta device are skipped: they are initialised after sharding, shard by shard."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.is_meta:
+            continue
+        sent = tensor.detach().to(device)  # the tensor itself where it is already there (gloo)
+        dist.broadcast(sent, group=group, group_src=0)
+        tensor.detach().copy_(sent)
 
 
 def end_process_group() -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..checkpoints import StateDict
+from ..distributed import module_from_first_rank_
 from ..models.token_encoder import CausalBlock
 
 # The token encoder's block, and any Hugging Face decoder layer (the generator's Llama, a comprehension LM).
@@ -42,10 +44,12 @@ def fsdp2(data_parallel_size: str | int = "auto") -> ModelParallelStrategy:
 
 def shard_with_fsdp2(root: nn.Module, blocks: list[nn.Module], mesh, ignored_params: set[nn.Parameter] = frozenset()) -> None:
     """FSDP2 over the data-parallel dimension of `mesh`: each block, then `root` (its other weights,
-    less `ignored_params`, which stay replicated)."""
+    less `ignored_params`, which stay replicated). Every rank starts from the first rank's weights, as
+    under DDP: ranks built without one seed would otherwise shard a mix of their models."""
     from torch.distributed.fsdp import fully_shard
 
     data_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+    module_from_first_rank_(root, data_mesh.get_group(), torch.device(data_mesh.device_type))
     for block in blocks:
         fully_shard(block, mesh=data_mesh)
     fully_shard(root, mesh=data_mesh, ignored_params=set(ignored_params))
