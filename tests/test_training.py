@@ -227,6 +227,14 @@ def test_the_reference_gradient_scale_gives_features_one_world_th_of_the_single_
         assert name == "logit_scale" or not torch.allclose(ddp["grads"][name], grad, atol=1e-5), name
 
 
+def test_fsdp_starts_every_rank_from_rank_zeros_weights():
+    """FSDP1 broadcasts rank 0's weights before sharding (as `shard_with_fsdp2` does for FSDP2, tested on
+    two ranks in test_distributed); FSDP1 refuses it on CPU, so only the option is checked here."""
+    from toklip.training.strategies import fsdp
+
+    assert fsdp().kwargs["sync_module_states"] is True
+
+
 def test_fsdp2_runs_two_steps_on_cpu(tiny_teacher_checkpoint, synthetic_set, tmp_path, run_on_two_ranks):
     stdout, ranks = run_on_two_ranks(f"""
         import lightning as L, toklip

@@ -24,12 +24,15 @@ def fsdp(activation_checkpointing: bool = False, sharding_strategy: str = "FULL_
     """FSDP (GPUs) with the token encoder's causal block and every Hugging Face decoder layer as wrap units.
 
     `use_orig_params`: frozen (VQ, text tower, teacher) and trainable parameters share wrap units.
+    `sync_module_states`: every rank starts from rank 0's weights, as under DDP (needs the GPU that
+    Lightning passes as `device_id`; FSDP1 refuses it on CPU).
     """
     return FSDPStrategy(
         auto_wrap_policy=WRAP_UNITS,
         activation_checkpointing_policy=WRAP_UNITS if activation_checkpointing else None,
         sharding_strategy=sharding_strategy,
         use_orig_params=True,
+        sync_module_states=True,
     )
 
 
