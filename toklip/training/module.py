@@ -308,12 +308,9 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
         """
         if self.device_mesh is None:
             return
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
         frozen = [self.model.tokenizer, *([self.model.text] if self.model.text is not None else [])]
         ignored = {*self._scalar_parameters(), *(p for part in frozen for p in part.parameters())}
-        shard_with_fsdp2(self.model, list(self.model.visual.trunk.blocks), self.device_mesh, ignored)
-        register_fsdp_forward_method(self.model, "encode_indices")
+        shard_with_fsdp2(self.model, list(self.model.visual.trunk.blocks), self.device_mesh, ignored, forward_methods=("encode_indices",))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.device_mesh is None:

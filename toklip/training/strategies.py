@@ -45,17 +45,25 @@ def fsdp2(data_parallel_size: str | int = "auto") -> ModelParallelStrategy:
     return ModelParallelStrategy(data_parallel_size=data_parallel_size, tensor_parallel_size=1, save_distributed_checkpoint=False)
 
 
-def shard_with_fsdp2(root: nn.Module, blocks: list[nn.Module], mesh, ignored_params: set[nn.Parameter] = frozenset()) -> None:
+def shard_with_fsdp2(
+    root: nn.Module, blocks: list[nn.Module], mesh, ignored_params: set[nn.Parameter] = frozenset(), forward_methods: tuple[str, ...] = ()
+) -> None:
     """FSDP2 over the data-parallel dimension of `mesh`: each block, then `root` (its other weights,
-    less `ignored_params`, which stay replicated). Every rank starts from the first rank's weights, as
-    under DDP: ranks built without one seed would otherwise shard a mix of their models."""
-    from torch.distributed.fsdp import fully_shard
+    less `ignored_params`, which stay replicated); `forward_methods` of `root` gather its shards as
+    `forward` does. Every rank starts from the first rank's weights, as under DDP: ranks built without
+    one seed would otherwise shard a mix of their models. A root already sharded is left as it is:
+    Lightning calls `configure_model` again for each fit, validate or test."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
+    if isinstance(root, FSDPModule):
+        return
     data_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
     module_from_first_rank_(root, data_mesh.get_group(), torch.device(data_mesh.device_type))
     for block in blocks:
         fully_shard(block, mesh=data_mesh)
     fully_shard(root, mesh=data_mesh, ignored_params=set(ignored_params))
+    for method in forward_methods:
+        register_fsdp_forward_method(root, method)
 
 
 def gathered_state_dict(module: nn.Module, sharded: bool) -> StateDict:
