@@ -34,7 +34,7 @@ def from_rank_zero_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def module_from_first_rank_(module: nn.Module, group: dist.ProcessGroup, device: torch.device) -> None:
-    """In place: the first rank of `group`'s parameters and buffers on every rank of it, sent through
+    """In place: every rank of `group` takes its first rank's parameters and buffers, sent through
     `device` (the group's: CUDA for NCCL) one tensor at a time, so no rank holds a second whole model.
 
     DDP does this when it wraps a model; FSDP2 does not, and shards whatever each rank built. Tensors
