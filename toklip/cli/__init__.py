@@ -23,7 +23,10 @@ CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # the configs ship inside the package
 USER_ERRORS = (ConfigError, DataQualityError, CheckpointError, RunPreempted)
 
 
-def _reporting_user_errors(task_main: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+def _as_tool(task_main: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """`task_main` as a tool runs it: its own required keys checked first, the process group ended when
+    it succeeds, and the errors a user can fix reported as one line."""
+
     @functools.wraps(task_main)
     def task(cfg: DictConfig) -> Any:
         try:
@@ -46,9 +49,7 @@ def tool(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[.
     line. Called with a config, it runs on that config."""
 
     def decorate(task_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:
-        hydra_main = hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name=config_name)(
-            _reporting_user_errors(task_main)
-        )
+        hydra_main = hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name=config_name)(_as_tool(task_main))
 
         @functools.wraps(task_main)
         def main(cfg: DictConfig | None = None) -> Any:
