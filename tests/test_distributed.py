@@ -2,7 +2,6 @@
 rank: each waits for the last, the group goes, gloo's threads get a pause; never on an error."""
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,8 +19,7 @@ from toklip.training.strategies import shard_with_fsdp2
 
 
 def _shard_a_model_of_its_own(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(rank)  # no common seed: each rank builds different weights
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
     model.register_buffer("steps", torch.tensor([10 + rank]))
@@ -48,8 +46,7 @@ def test_fsdp2_ranks_built_without_a_common_seed_all_shard_the_first_ranks_model
 
 
 def _end_late(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     time.sleep(1.0 if rank == 1 else 0.0)  # rank 1 finishes its work a second after rank 0
     start = time.monotonic()
     end_process_group()

@@ -169,8 +169,7 @@ class _LossesOf(torch.nn.Module):
 
 
 def _ddp_step(rank, world, port, teacher, options, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     m = module(teacher, **options)
     ddp = torch.nn.parallel.DistributedDataParallel(_LossesOf(m))

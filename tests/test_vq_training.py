@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -91,8 +89,7 @@ def test_restart_reseeds_exactly_the_unused_codes_from_the_batch(images):
 
 
 def _restart_on_rank(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)  # one initial codebook; each rank then sees its own images
     m = VQTrainingModule("llamagen_tiny", restart_every=0)
     torch.manual_seed(100 + rank)
