@@ -273,6 +273,10 @@ def test_palette_with_transparency_becomes_rgb():
     assert to_rgb(image).getpixel((0, 0)) == (255, 255, 255)
     del image.info["transparency"]
     assert to_rgb(image).getpixel((0, 0)) == (200, 10, 10)
+    for mode, key in (("RGB", (0, 0, 0)), ("L", 0)):  # a colour key (PNG's tRNS) on a plain image
+        buffer = io.BytesIO()
+        Image.new(mode, (4, 4)).save(buffer, format="PNG", transparency=key)
+        assert open_image(buffer.getvalue()).getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_decompression_bomb_guard_reads_only_the_header():
@@ -283,6 +287,9 @@ def test_decompression_bomb_guard_reads_only_the_header():
     with pytest.raises(SkippedSample, match="too_large"):
         open_image(png(size=(40, 40)), max_pixels=1000)
     assert open_image(png(size=(40, 40)), max_pixels=1600).size == (40, 40)
+    # A bound raised past twice Pillow's own (179 M pixels) is ours to apply: the image is let through to decoding.
+    with pytest.raises(SkippedSample, match="corrupt_image"):  # the header has no pixels after it
+        open_image(huge_png_header(15_000, 12_000), max_pixels=300_000_000)
 
 
 def test_eval_transforms_squash_or_crop():
@@ -304,7 +311,7 @@ def make_class_folders(root, names, per_class=2):
 
 def test_zeroshot_set_from_class_folders(tmp_path):
     transform = eval_transform(preprocess_config(8))
-    make_class_folders(tmp_path / "plain", ["tabby_cat", "golden_retriever"])
+    make_class_folders(tmp_path / "plain", ["tabby_cat", "golden_retriever", ".ipynb_checkpoints"])  # a hidden folder: no class
     plain = ZeroShotSet(tmp_path / "plain", transform)
     assert plain.classnames == ["golden retriever", "tabby cat"]  # sorted folders
     assert len(plain) == 4 and plain[3][1] == 1 and plain[0][0].shape == (3, 8, 8)
@@ -365,10 +372,25 @@ def test_retrieval_set_from_karpathy_json(tmp_path):
         RetrievalSet(tmp_path / "dataset_coco.json", tmp_path, eval_transform(preprocess_config(8)))
 
 
+def test_json_lines_naming_one_image_add_to_its_captions(tmp_path):
+    lines = [{"filename": "a.jpg", "caption": "one"}, {"filename": "b.jpg", "caption": ["two"]}, {"filename": "a.jpg", "caption": "three"}]
+    (tmp_path / "c.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    assert read_retrieval_annotations(tmp_path / "c.jsonl") == [("a.jpg", ["one", "three"]), ("b.jpg", ["two"])]  # not three images
+
+
 def test_malformed_json_lines_name_the_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"filename": "a.jpg", "caption": ["x"]}\n{"file": "b.jpg"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
         read_retrieval_annotations(tmp_path / "bad.jsonl")
+    # An image without a caption would count as a retrieval miss (and CIDEr cannot score it): refused.
+    for captions in ([], ["x", " "]):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"filename": "a.jpg", "caption": captions}) + "\n")
+        with pytest.raises(ValueError, match=r"bad\.jsonl:1: an image needs at least one caption, none blank"):
+            read_retrieval_annotations(tmp_path / "bad.jsonl")
+    images = [{"filepath": "val2014", "filename": "a.jpg", "split": "test", "sentences": []}]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(ValueError, match=r"dataset_coco\.json: val2014/a\.jpg: an image needs at least one caption"):
+        read_retrieval_annotations(tmp_path / "dataset_coco.json")
 
 
 def shard_members(path) -> dict[str, bytes]:

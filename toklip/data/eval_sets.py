@@ -15,6 +15,7 @@ naming it. Nothing is ever substituted.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .samples import SkippedSample, open_image
 from .transforms import Transform
@@ -42,7 +43,8 @@ def load_image(path: str | Path, transform: Transform) -> torch.Tensor:
         raise ValueError(f"evaluation image {path} cannot be used: {err}") from None
 
 
-def _check_exist(paths: list[Path], where: str) -> None:
+def check_images_exist(paths: list[Path], where: str) -> None:
+    """All of `paths` are files, or one error that counts the missing and names the first."""
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} images of {where} are missing, e.g. {missing[0]}")
@@ -55,7 +57,10 @@ class ZeroShotSet(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"zero-shot set root is not a directory: {self.root}")
-        folders, class_to_idx = find_classes(str(self.root))
+        folders = sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith("."))
+        if not folders:
+            raise FileNotFoundError(f"zero-shot set root has no class folders: {self.root}")
+        class_to_idx = {folder: index for index, folder in enumerate(folders)}  # hidden folders (.ipynb_checkpoints) are no class
         self.samples = [(Path(p), label) for p, label in make_dataset(str(self.root), class_to_idx, IMG_EXTENSIONS)]
         self.classnames = self._classnames(folders)
         self.templates = self._templates()
@@ -93,6 +98,13 @@ class ZeroShotSet(Dataset):
         return load_image(path, self.transform), label
 
 
+def _check_captions(captions: list[Any], where: str) -> None:
+    """An image's captions: at least one, none blank (an image without one would count as a miss in
+    retrieval, and CIDEr cannot score it)."""
+    if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+        raise ValueError(f"{where}: an image needs at least one caption, none blank; got {captions!r}")
+
+
 def read_retrieval_annotations(path: str | Path, split: str = "test") -> list[tuple[str, list[str]]]:
     """(relative image path, captions) from JSON lines or from Karpathy's dataset_coco.json."""
     path = Path(path)
@@ -109,20 +121,24 @@ def read_retrieval_annotations(path: str | Path, split: str = "test") -> list[tu
         ]
         if not entries:
             raise ValueError(f"{path}: no image in split {split!r}")
+        for filename, captions in entries:
+            _check_captions(captions, f"{path}: {filename}")
         return entries
-    entries = []
+    by_image: dict[str, list[str]] = {}  # lines naming one image add to its captions (one caption a line is common)
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            captions = record["caption"]
-            entries.append((record["filename"], [captions] if isinstance(captions, str) else list(captions)))
+            filename, captions = record["filename"], record["caption"]
+            captions = [captions] if isinstance(captions, str) else list(captions)
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f'{path}:{number}: expected {{"filename": ..., "caption": [...]}} ({err})') from None
-    if not entries:
+        _check_captions(captions, f"{path}:{number}")
+        by_image.setdefault(filename, []).extend(captions)
+    if not by_image:
         raise ValueError(f"{path}: no annotations")
-    return entries
+    return list(by_image.items())
 
 
 class RetrievalSet(Dataset):
@@ -132,7 +148,7 @@ class RetrievalSet(Dataset):
         entries = read_retrieval_annotations(captions, split)
         root = Path(images)
         self.image_paths = [root / name for name, _ in entries]
-        _check_exist(self.image_paths, f"the retrieval set {captions}")
+        check_images_exist(self.image_paths, f"the retrieval set {captions}")
         self.texts = [caption for _, captions in entries for caption in captions]
         self.text_to_image = torch.tensor([i for i, (_, captions) in enumerate(entries) for _ in captions], dtype=torch.int64)
         self.transform = transform

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +29,12 @@ class SkippedSample(Exception):
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: transparency composited on white, 16/32-bit and float rescaled."""
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
+        image = image.convert("RGBA")  # a palette's transparency, or a colour key (PNG's tRNS)
     if image.mode == "RGB":
         return image
     if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        image = image.convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
@@ -44,12 +47,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+@contextlib.contextmanager
+def _own_pixel_bound() -> Iterator[None]:
+    """Pillow's decompression-bomb guard off while an image's header is read: `open_image` checks the
+    size itself, before any pixel is decoded (Pillow's guard refuses twice its own bound, whatever ours is)."""
+    pillows, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillows
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode image bytes to RGB; the size is checked from the header before any pixel is decoded."""
     try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise SkippedSample("too_large", str(err)) from None
+        with _own_pixel_bound():
+            image = Image.open(io.BytesIO(data))
     except Exception as err:  # PIL raises many types on garbage; all mean the same here
         raise SkippedSample("corrupt_image", f"{type(err).__name__}: {err}") from None
     width, height = image.size
