@@ -328,6 +328,10 @@ def test_align_on_caption_shards_then_instruct_on_conversations_then_ask(tmp_pat
             str(questions / "images" / "test_000000.jpg"),
             "what colour is the background?",
         )
+    with pytest.raises(ConfigError, match="question= is about one image: give image=<path>, and no image_folder="):
+        ask(ask_cfg)  # the folder would be ignored
+    with open_dict(ask_cfg):
+        ask_cfg.image_folder = None
     assert isinstance(ask(ask_cfg)["answer"], str)
 
 
@@ -504,3 +508,136 @@ def test_an_export_of_other_sizes_is_refused_naming_the_weights(tmp_path, tiny_l
     description.write_text(description.read_text().replace('\\"width\\": 16', '\\"width\\": 32'))
     with pytest.raises(ValueError, match=every_mismatch):
         load_comprehension(tmp_path / "comprehension.safetensors")
+
+
+def test_readers_refuse_blank_turns_and_misplaced_images_and_skip_text_only_records(tmp_path, caplog):
+    good = {"id": "a", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "x"}]}
+    blank = {**good, "id": "b", "conversations": [good["conversations"][0], {"from": "gpt", "value": "  "}]}
+    path = tmp_path / "conversations.json"
+    path.write_text(json.dumps([good, blank]))
+    with pytest.raises(MalformedRecord, match=r"record 1 \(id 'b'\): turn 1 must be .*not blank"):
+        read_conversations(path)
+    # LLaVA-1.5's mix665k holds text-only records (no image, no <image>): skipped and counted, not an error.
+    text_only = {"id": "t", "conversations": [{"from": "human", "value": "hello?"}, {"from": "gpt", "value": "hi"}]}
+    path.write_text(json.dumps([good, text_only, text_only]))
+    with caplog.at_level("WARNING", logger="toklip.comprehension.conversation"):
+        assert [c.id for c in read_conversations(path)] == ["a"]
+    assert "skipped 2 text-only record(s) of 3, the first" in caplog.text and "record 1 (id 't')" in caplog.text
+    path.write_text(json.dumps([{**text_only, "conversations": [{"from": "human", "value": "<image>\nq?"}, good["conversations"][1]]}]))
+    with pytest.raises(MalformedRecord, match='record 0 .*no "image" path'):
+        read_conversations(path)  # an <image> with no image is malformed, not text-only
+
+    questions = tmp_path / "questions.jsonl"
+    cases = {
+        "the question holds <image> more than once": {"question": "<image> or <image>?"},
+        'no "answer" \\(a string, not blank\\)': {"answer": " "},
+        '"type" must be a string': {"type": 3},
+    }
+    for problem, change in cases.items():
+        questions.write_text(json.dumps({"image": "a.jpg", "question": "q?", "answer": "x", **change}) + "\n")
+        with pytest.raises(MalformedRecord, match=rf"line 1: {problem}"):
+            read_questions(questions)
+    questions.write_text(json.dumps({"image": "a.jpg", "question": "q?", "answer": "x", "type": None}) + "\n")
+    assert read_questions(questions)[0].type == ""  # not "None"
+    questions.write_text("\n")
+    with pytest.raises(MalformedRecord, match=rf"{questions}: no questions in it"):
+        read_questions(questions)
+
+
+def test_an_image_tag_in_an_answer_is_text_and_a_cut_keeps_the_image_and_an_answer(tiny_lm, tmp_path, caplog):
+    from toklip.comprehension.data import ConversationDataset, CutTooShort
+
+    _, tokenizer = load_language_model(tiny_lm)
+    quoted = Conversation("x.jpg", (Turn("<image>\nwhat colour is it?", "red <image>"),))
+    ids, labels = PromptFormat().encode(tokenizer, quoted)
+    assert ids.count(IMAGE_PLACEHOLDER) == 1 and IMAGE_PLACEHOLDER not in labels  # the answer's tag is only words
+    conversation = Conversation("x.jpg", (Turn("<image>\nwhat colour is it?", "red"), Turn("how many shapes are there?", "two")))
+    ids, labels = PromptFormat().encode(tokenizer, conversation)
+    first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    kept = ConversationEncoder(tokenizer, max_length=first_answer + 1)(conversation)  # the second turn cut off
+    assert kept["input_ids"].tolist() == ids[: first_answer + 1] and kept["labels"][-1] == labels[first_answer]
+    with pytest.raises(CutTooShort, match="max_length=.* cuts it before its image or its first answer"):
+        ConversationEncoder(tokenizer, max_length=first_answer)(conversation)  # no answer left to learn
+    question_first = Conversation("x.jpg", (Turn("what colour is it?\n<image>", "red"),))
+    with pytest.raises(CutTooShort):
+        ConversationEncoder(tokenizer, max_length=4)(question_first)  # the image cut off
+    # In a data set such a record is skipped with a warning naming it, like an unreadable image.
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.jpg")
+    dataset = ConversationDataset([conversation], tmp_path, lambda image: torch.zeros(3), ConversationEncoder(tokenizer, max_length=3))
+    with caplog.at_level("WARNING", logger="toklip.comprehension.data"):
+        assert dataset[0] is None
+    assert "skipped conversation 0 (no id): max_length=3 cuts it" in caplog.text
+
+
+def test_a_sample_longer_than_the_language_models_context_is_refused(tmp_path):
+    lm = make_tiny_language_model(tmp_path / "lm", WORDS, width=32, depth=1, heads=2, max_length=26)
+    model, tokenizer = load_language_model(lm)
+    mllm = VisualLanguageModel(FixedFeatures(num_tokens=16, width=8), model, tokenizer).eval()
+    images = torch.zeros(1, 3, 8, 8)
+    assert mllm.answer(images, ["what colour is it?"], max_new_tokens=1)  # 16 image and 10 text tokens: 26 fit in 26
+    with pytest.raises(
+        ValueError, match=r"sample 0: its 16 image and 12 text tokens make 28, more than the language model's context of 26"
+    ):
+        mllm.answer(images, ["what colour is it ? one two"], max_new_tokens=1)
+
+
+def test_conversations_too_few_for_a_batch_on_every_rank_are_refused(tmp_path, tiny_lm, monkeypatch):
+    from toklip.comprehension import data
+
+    records = [{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "x"}]}] * 6
+    (tmp_path / "c.json").write_text(json.dumps(records))
+    module = data.ConversationDataModule(tmp_path / "c.json", tmp_path, tokenizer=tiny_lm, image_size=64, batch_size_per_device=4)
+    monkeypatch.setattr(data, "rank_and_world", lambda: (0, 2))
+    with pytest.raises(ValueError, match=r"6 record\(s\) \(fraction 1.0\), fewer than a batch of 4 on each of 2 rank\(s\)"):
+        module.setup("fit")  # 3 a rank: no whole batch, and Lightning would fit nothing without a word
+
+
+def test_comprehension_settings_are_typed_and_an_export_starts_only_the_run_that_trains_it_all(
+    tmp_path, tiny_lm, toklip_export, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    from toklip.comprehension import ComprehensionModule
+    from toklip.config import ConfigError
+
+    vision = {"kind": "toklip", "checkpoint": str(toklip_export)}
+    for spec, problem in (
+        ({**vision, "position_embedding": "no"}, "vision_input.position_embedding='no': expected bool"),
+        ({**vision, "memo": -1}, "vision_input.memo=-1: how many images"),
+        ({**vision, "memmo": 3}, "vision_input.memmo: .* takes no such argument"),
+    ):
+        with pytest.raises(ConfigError, match=problem):
+            build_visual_input(spec, image_size=64)
+    with pytest.raises(ConfigError, match="llm.gradient_checkpointing='flase': expected true or false"):
+        ComprehensionModule({"path": str(tiny_lm), "gradient_checkpointing": "flase"}, vision, image_size=64)
+
+    monkeypatch.chdir(toklip_export.parent)  # a relative TokLIP path: the export records it whole
+    torch.manual_seed(0)
+    instructed = ComprehensionModule({"path": str(tiny_lm)}, {**vision, "checkpoint": toklip_export.name}, image_size=64, stage="instruct")
+    exported = instructed.export(tmp_path / "instruct" / "comprehension.safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert toklip.comprehension.load_comprehension(exported).vision.toklip is not None
+    trained_lm = {k for k in load_file(exported) if k.startswith("language_model.")}
+    assert trained_lm
+    for settings in ({"stage": "align"}, {"stage": "instruct", "llm": {"path": str(tiny_lm), "lora": {"r": 2}}}):
+        llm = settings.get("llm", {"path": str(tiny_lm)})
+        with pytest.raises(ConfigError, match=rf"its instruct stage trained {len(trained_lm)} weight\(s\) that this run does not train"):
+            ComprehensionModule(llm, vision, image_size=64, stage=settings["stage"], init=exported)
+    again = ComprehensionModule({"path": str(tiny_lm)}, vision, image_size=64, stage="instruct", init=exported)
+    assert all(again.model.state_dict()[k].equal(v) for k, v in load_file(exported).items())
+
+
+def test_ask_checks_every_image_of_a_question_file_before_it_loads_a_model(tmp_path):
+    from omegaconf import open_dict
+
+    from toklip.tasks import ask
+
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"image": f"{i}.jpg", "question": "q?", "answer": "x"}) for i in range(3)))
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.jpg")
+    cfg = toklip.compose_config(
+        "ask", [f"checkpoint={tmp_path / 'none.safetensors'}", f"questions={tmp_path / 'q.jsonl'}", f"image_folder={tmp_path}"]
+    )
+    with open_dict(cfg):
+        cfg.out = str(tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=r"2 of 3 images of questions=.*q\.jsonl are missing, e.g. .*1\.jpg"):
+        ask(cfg)  # not the missing checkpoint: nothing was loaded

@@ -51,6 +51,9 @@ def group_settings(group: str, given: Mapping[str, Any] | None, **defaults: Any)
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ConfigError(f"{group}: unknown key(s) {', '.join(f'{group}.{key}' for key in unknown)}; it takes {', '.join(defaults)}")
+    for key, value in given.items():  # a switch given "no" or "flase" would read as on
+        if isinstance(defaults[key], bool) and not isinstance(value, bool):
+            raise ConfigError(f"{group}.{key}={value!r}: expected true or false")
     return {**defaults, **given}
 
 

@@ -90,7 +90,7 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is str:
         return isinstance(value, str)
     if hint in (Path, os.PathLike):
-        return isinstance(value, str)
+        return isinstance(value, (str, os.PathLike))  # a Path where Python code calls
     if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False

@@ -34,7 +34,7 @@ from .checkpoints import (
 from .comprehension import answer_questions, caption_scores, load_comprehension, question_accuracy, read_questions
 from .comprehension.evaluation import image_loader
 from .config import ConfigError, check_required
-from .data.eval_sets import RetrievalSet, build_eval_sets
+from .data.eval_sets import RetrievalSet, build_eval_sets, check_images_exist
 from .data.synthetic import SyntheticConfig, SyntheticPaths
 from .data.synthetic import make_synthetic as write_synthetic
 from .data.transforms import TRAIN_CROP_SCALE, eval_transform, preprocess_config
@@ -342,10 +342,13 @@ def ask(cfg: DictConfig) -> dict[str, Any]:
     given = [name for name in ("question", "questions", "captions") if cfg.get(name) is not None]
     if len(given) != 1:
         raise ConfigError("give one of question= (with image=), questions= or captions= (with image_folder=)")
-    if given == ["question"] and cfg.image is None:
-        raise ConfigError("question= is about an image: give image=<path>")
-    if given != ["question"] and cfg.image_folder is None:
-        raise ConfigError(f"{given[0]}= names images relative to a folder: give image_folder=<path>")
+    if given == ["question"] and (cfg.image is None or cfg.image_folder is not None):
+        raise ConfigError("question= is about one image: give image=<path>, and no image_folder=")
+    if given != ["question"] and (cfg.image_folder is None or cfg.image is not None):
+        raise ConfigError(f"{given[0]}= names images relative to a folder: give image_folder=<path>, and no image=")
+    questions = read_questions(cfg.questions) if given == ["questions"] else []
+    images = [Path(cfg.image)] if given == ["question"] else [Path(cfg.image_folder) / q.image for q in questions]
+    check_images_exist(images, f"questions={cfg.questions}" if questions else "image=")  # before the model loads
     model = load_comprehension(cfg.checkpoint, resolve_device(cfg.device))
     size, device = model.vision.image_size, next(model.projector.parameters()).device
     if given == ["question"]:
@@ -354,7 +357,6 @@ def ask(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if given == ["questions"]:
-        questions = read_questions(cfg.questions)
         answers = answer_questions(
             model, questions, image_loader(cfg.image_folder, size), batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
         )

@@ -16,6 +16,7 @@ a turn, with the tokenizer's own BOS and EOS. The placeholder is not a token of 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 IMAGE_TAG = "<image>"
 IMAGE_PLACEHOLDER = -200  # the image's place in the ids: never an id of a vocabulary
@@ -64,39 +67,57 @@ def _record_name(path: str | os.PathLike, where: str, record: Any) -> str:
     return f"{path}: {where}" + (f" (id {named!r})" if named is not None else "")
 
 
-def _conversation(record: Any) -> Conversation:
-    """One LLaVA record, checked; a problem is a ValueError saying what is wrong."""
-    if not isinstance(record, dict):
-        raise ValueError(f"expected an object, got {type(record).__name__}")
-    image, turns = record.get("image"), record.get("conversations")
-    if not isinstance(image, str) or not image:
-        raise ValueError('no "image" path')
+def _turns(record: dict[str, Any]) -> list[str]:
+    """The values of a record's turns, checked: human, gpt, human, gpt ..., none of them blank."""
+    turns = record.get("conversations")
     if not isinstance(turns, list) or not turns or len(turns) % 2:
         raise ValueError('"conversations" must be a non-empty list of human, gpt turn pairs')
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("from") != ROLES[i % 2] or not isinstance(turn.get("value"), str):
-            raise ValueError(f'turn {i} must be {{"from": "{ROLES[i % 2]}", "value": "..."}}, got {turn!r}')
-    questions = [turn["value"] for turn in turns[::2]]
+        value = turn.get("value") if isinstance(turn, dict) else None
+        if not isinstance(turn, dict) or turn.get("from") != ROLES[i % 2] or not isinstance(value, str) or not value.strip():
+            raise ValueError(f'turn {i} must be {{"from": "{ROLES[i % 2]}", "value": "<not blank>"}}, got {turn!r}')
+    return [turn["value"] for turn in turns]
+
+
+def _conversation(record: Any) -> Conversation | None:
+    """One LLaVA record, checked (a problem is a ValueError saying what is wrong); None for a text-only
+    record (no "image", no `<image>` in its turns: LLaVA-1.5's mix665k holds some 40k of them)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    values = _turns(record)
+    if "image" not in record and not any(IMAGE_TAG in value for value in values):
+        return None
+    image = record.get("image")
+    if not isinstance(image, str) or not image:
+        raise ValueError('no "image" path')
+    questions, answers = values[::2], values[1::2]
     if questions[0].count(IMAGE_TAG) != 1 or any(IMAGE_TAG in q for q in questions[1:]):
         raise ValueError(f"the first human turn must hold {IMAGE_TAG} once, and no other turn")
-    pairs = tuple(Turn(q, a["value"]) for q, a in zip(questions, turns[1::2]))
-    return Conversation(image=image, turns=pairs, id=str(record.get("id", "")))
+    return Conversation(image=image, turns=tuple(map(Turn, questions, answers)), id=str(record.get("id", "")))
 
 
 def read_conversations(path: str | os.PathLike) -> list[Conversation]:
-    """A LLaVA conversation file (a JSON list); the first malformed record is an error naming it."""
+    """A LLaVA conversation file (a JSON list); the first malformed record is an error naming it.
+    Text-only records (no image, no `<image>`) are skipped, with one warning that counts them."""
     try:
         records = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise MalformedRecord(f"{path}: not JSON ({err})") from None
     if not isinstance(records, list):
         raise MalformedRecord(f"{path}: expected a JSON list of conversation records, got {type(records).__name__}")
-    conversations = []
+    conversations, text_only = [], []
     for index, record in enumerate(records):
         try:
-            conversations.append(_conversation(record))
+            conversation = _conversation(record)
         except ValueError as err:
             raise MalformedRecord(f"{_record_name(path, f'record {index}', record)}: {err}") from None
+        if conversation is None:
+            text_only.append(_record_name(path, f"record {index}", record))
+        else:
+            conversations.append(conversation)
+    if text_only:
+        log.warning("skipped %d text-only record(s) of %d, the first %s: the model reads conversations about an image",
+                    len(text_only), len(records), text_only[0])  # fmt: skip
     return conversations
 
 
@@ -104,25 +125,23 @@ def _question(record: Any) -> Question:
     if not isinstance(record, dict):
         raise ValueError(f"expected an object, got {type(record).__name__}")
     for key in ("image", "question", "answer"):
-        if not isinstance(record.get(key), str) or not record[key]:
-            raise ValueError(f'no "{key}" (a non-empty string)')
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            raise ValueError(f'no "{key}" (a string, not blank)')
+    if record["question"].count(IMAGE_TAG) > 1:
+        raise ValueError(f"the question holds {IMAGE_TAG} more than once (it may place the image once, or leave it first)")
     choices = record.get("choices", [])
     if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
         raise ValueError('"choices" must be a list of strings')
     if choices and record["answer"] not in choices:
         raise ValueError(f"the answer {record['answer']!r} is not one of the choices {choices}")
-    return Question(
-        record["image"],
-        record["question"],
-        record["answer"],
-        str(record.get("question_id", "")),
-        str(record.get("type", "")),
-        tuple(choices),
-    )
+    kind = record.get("type") or ""
+    if not isinstance(kind, str):
+        raise ValueError(f'"type" must be a string, got {kind!r}')
+    return Question(record["image"], record["question"], record["answer"], str(record.get("question_id", "")), kind, tuple(choices))
 
 
 def read_questions(path: str | os.PathLike) -> list[Question]:
-    """A question file (JSON lines); the first malformed line is an error naming it."""
+    """A question file (JSON lines); the first malformed line is an error naming it, and so is a file of none."""
     questions = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -131,6 +150,8 @@ def read_questions(path: str | os.PathLike) -> list[Question]:
             questions.append(_question(json.loads(line)))
         except (ValueError, json.JSONDecodeError) as err:
             raise MalformedRecord(f"{_record_name(path, f'line {number}', _loads_or_none(line))}: {err}") from None
+    if not questions:
+        raise MalformedRecord(f"{path}: no questions in it")
     return questions
 
 
@@ -165,7 +186,7 @@ class PromptFormat:
         ids, labels = [], []
 
         def add(text: str, learn: bool) -> None:
-            pieces = text.split(IMAGE_TAG)
+            pieces = [text] if learn else text.split(IMAGE_TAG)  # an answer's "<image>" is only text
             for i, piece in enumerate(pieces):
                 if i:
                     ids.append(IMAGE_PLACEHOLDER)

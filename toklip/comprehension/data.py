@@ -21,21 +21,36 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
+from ..config import ConfigError
 from ..data.datamodule import TokLIPDataModule
 from ..data.samples import DEFAULT_MAX_IMAGE_PIXELS, SkippedSample, caption_of, image_bytes, open_image
 from ..data.scene_questions import CAPTION_INSTRUCTION
 from ..data.transforms import eval_transform, preprocess_config
 from ..data.workers import SignalSafeLoader
 from ..distributed import rank_and_world
-from .conversation import Conversation, PromptFormat, caption_conversation, pad_batch, read_conversations
+from .conversation import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    Conversation,
+    PromptFormat,
+    caption_conversation,
+    pad_batch,
+    read_conversations,
+)
 from .language_model import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
+class CutTooShort(ValueError):
+    """A conversation that `max_length` would cut before its image or before any of its answers."""
+
+
 @dataclass
 class ConversationEncoder:
-    """A conversation -> {"input_ids", "labels"} (1-D int64), cut to `max_length` tokens when given."""
+    """A conversation -> {"input_ids", "labels"} (1-D int64), cut to `max_length` text tokens when given
+    (the image counts as one: the model's context check sees the N it becomes). A cut that would leave
+    no image or no answer to learn is a CutTooShort error, not a sample that trains nothing."""
 
     tokenizer: Any
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
@@ -43,8 +58,10 @@ class ConversationEncoder:
 
     def __call__(self, conversation: Conversation) -> dict[str, torch.Tensor]:
         ids, labels = self.prompt_format.encode(self.tokenizer, conversation)
-        if self.max_length is not None:
+        if self.max_length is not None and len(ids) > self.max_length:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if IMAGE_PLACEHOLDER not in ids or all(label == IGNORE_INDEX for label in labels):
+                raise CutTooShort(f"max_length={self.max_length} cuts it before its image or its first answer")
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
 
 
@@ -90,11 +107,15 @@ class ConversationDataset(Dataset):
         conversation = self.conversations[index]
         path = self.image_folder / conversation.image
         try:
+            text = self.encoder(conversation)
             image = open_image(path.read_bytes(), self.max_image_pixels)
+        except CutTooShort as err:
+            log.warning("skipped conversation %s (%s): %s", index, conversation.id or "no id", err)
+            return None
         except (OSError, SkippedSample) as err:
             log.warning("skipped conversation %s (%s): image %s: %s", index, conversation.id or "no id", path, err)
             return None
-        return {"image": self.transform(image), **self.encoder(conversation)}
+        return {"image": self.transform(image), **text}
 
 
 def subset(items: Sequence[Any], fraction: float, seed: int) -> list[Any]:
@@ -159,9 +180,11 @@ class ConversationDataModule(L.LightningDataModule):
             return
         tokenizer = load_tokenizer(self.tokenizer_path, source="data.tokenizer")
         records = subset(read_conversations(self.path), self.fraction, self.seed)
-        if len(records) < self.batch_size:
+        world_size = rank_and_world()[1]
+        if len(records) < self.batch_size * world_size:  # each rank's share would hold no whole batch
             raise ValueError(
-                f"data.conversations={self.path}: {len(records)} record(s) (fraction {self.fraction}), fewer than a batch of {self.batch_size}"
+                f"data.conversations={self.path}: {len(records)} record(s) (fraction {self.fraction}), fewer than a batch of "
+                f"{self.batch_size} on each of {world_size} rank(s)"
             )
         transform = eval_transform(preprocess_config(self.image_size))  # LLaVA pads or resizes, no augmentation
         self.dataset = ConversationDataset(
@@ -243,5 +266,9 @@ class CaptionShardDataModule(TokLIPDataModule):
 
     def sample_decoder(self) -> CaptionConversationDecoder:
         encoder = ConversationEncoder(self.language_tokenizer, max_length=self.max_length)
+        try:  # the prompt is the same for every caption: a cut into it is a setting to fix, once
+            encoder(caption_conversation("", "caption", self.instruction))
+        except CutTooShort:
+            raise ConfigError(f"data.max_length={self.max_length} leaves no caption after the prompt ({self.instruction!r})") from None
         transform = eval_transform(self.eval_preprocess)
         return CaptionConversationDecoder(transform, encoder, self.instruction, self.max_length, self.max_image_pixels)

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data.eval_sets import RetrievalSet
-from ..data.samples import open_image
+from ..data.eval_sets import RetrievalSet, load_image
 from ..data.transforms import eval_transform, preprocess_config
 from .conversation import Conversation, Question, Turn, with_image_tag
 from .data import CAPTION_INSTRUCTION
@@ -37,11 +36,11 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def image_loader(image_folder: str | os.PathLike, image_size: int) -> Callable[[str], torch.Tensor]:
-    """A relative image path -> the model's input (the training data's preprocessing)."""
+    """A relative image path -> the model's input (the training data's preprocessing); a failure names the file."""
     transform, folder = eval_transform(preprocess_config(image_size)), Path(image_folder)
 
     def load(name: str) -> torch.Tensor:
-        return transform(open_image((folder / name).read_bytes()))
+        return load_image(folder / name, transform)
 
     return load
 

@@ -98,9 +98,20 @@ class VisualLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         padding_side: str = "right",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The LM's input embeddings, attention mask and labels, image tokens spliced in."""
+        """The LM's input embeddings, attention mask and labels, image tokens spliced in; a sample longer
+        than the LM's context is an error (some LMs would read past it unchecked, others fail on an index)."""
         text = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))  # the placeholder is replaced
-        return splice_image_tokens(text, input_ids, attention_mask, self.image_embeddings(images), labels, padding_side)
+        image = self.image_embeddings(images)
+        spliced = splice_image_tokens(text, input_ids, attention_mask, image, labels, padding_side)
+        context = getattr(self.language_model.config, "max_position_embeddings", None)
+        lengths = spliced[1].sum(1)
+        if context is not None and int(lengths.max()) > context:
+            b = int(lengths.argmax())
+            raise ValueError(
+                f"sample {b}: its {image.shape[1]} image and {int(attention_mask[b].sum()) - 1} text tokens make {int(lengths[b])}, "
+                f"more than the language model's context of {context} (max_position_embeddings): shorten it (in training, data.max_length cuts conversations)"
+            )
+        return spliced
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The mean next-token loss over the answer tokens (labels other than IGNORE_INDEX)."""

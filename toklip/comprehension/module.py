@@ -135,7 +135,13 @@ class ComprehensionModule(ExportableModule, L.LightningModule):
         missing = sorted(k for k in trained - set(state) if not k.startswith("language_model."))  # an align export has no LM
         if missing:
             raise ConfigError(f"model.init={path}: lacks {', '.join(missing[:8])}")
-        kept = {k: v for k, v in state.items() if k in trained}
+        untrained_here = sorted(set(state) - trained)  # e.g. an instruct export's LM, into LoRA or an align run
+        if untrained_here:
+            raise ConfigError(
+                f"model.init={path}: its {description['stage']} stage trained {len(untrained_here)} weight(s) that this run does "
+                f"not train and would drop ({', '.join(untrained_here[:4])}, ...): give the llm.lora and model.stage it was trained with"
+            )
+        kept = dict(state)
         mismatched = compare_state_dict(self.model, kept).mismatched
         if mismatched:
             sizes = LoadReport(mismatched=mismatched).describe(limit=8)
@@ -179,8 +185,12 @@ class ComprehensionModule(ExportableModule, L.LightningModule):
     def export_contents(self) -> tuple[StateDict, dict[str, str]]:
         """The trained parameters, and how to rebuild the rest (`load_comprehension`)."""
         state = trained_state_dict(self.model, gathered_state_dict(self.model, sharded=self.device_mesh is not None))
+        # Absolute paths: the export loads from any directory.
         llm = {**self.hparams.llm, "path": os.path.abspath(self.hparams.llm["path"])}
-        description = {key: self.hparams[key] for key in ("vision_input", "projector", "image_size", "stage")} | {"llm": llm}
+        vision_input = dict(self.hparams.vision_input)
+        if vision_input.get("checkpoint") is not None:
+            vision_input["checkpoint"] = os.path.abspath(vision_input["checkpoint"])
+        description = {key: self.hparams[key] for key in ("projector", "image_size", "stage")} | {"llm": llm, "vision_input": vision_input}
         return state, {"comprehension": json.dumps(description)}
 
 

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..models.factory import load_toklip
 from ..models.teacher import Teacher, teacher_state_dict
+from ..preflight import check_targets
 from ..tokenizers import build_tokenizer
 
 
@@ -60,6 +62,8 @@ class VisualInput(nn.Module):
 
     def __init__(self, image_size: int, memo: int = 0) -> None:
         super().__init__()
+        if memo < 0:
+            raise ConfigError(f"vision_input.memo={memo}: how many images' features to keep, 0 (none) or more")
         self.image_size = image_size
         self.memo = FeatureMemo(memo) if memo else None
         self.position_embedding: nn.Parameter | None = None
@@ -172,7 +176,10 @@ def build_visual_input(spec: Mapping[str, Any], image_size: int) -> VisualInput:
     kind = spec.pop("kind", None)
     if kind not in VISUAL_INPUTS:
         raise ValueError(f"vision_input.kind={kind!r}: choose from {', '.join(VISUAL_INPUTS)}")
+    visual_input = VISUAL_INPUTS[kind]
+    # Its keys against the class's signature: a typo, or "no" for a switch, is refused by name, not read as on.
+    check_targets({"_target_": f"{visual_input.__module__}.{visual_input.__qualname__}", **spec}, "vision_input.")
     try:
-        return VISUAL_INPUTS[kind](**spec, image_size=image_size)
+        return visual_input(**spec, image_size=image_size)
     except TypeError as err:
         raise ValueError(f"vision_input (kind {kind}): {err}") from None
