@@ -173,6 +173,46 @@ def test_folders_are_cut_into_parts_with_their_captions(tmp_path):
     assert sorted(keys_of(sorted((tmp_path / "out").glob("*.tar")))) == ["0", "1", "2", "3", "35", "4"]
 
 
+def test_an_output_that_is_no_encodings_or_another_inputs_is_refused_untouched(synthetic_set, tmp_path):
+    shards = Path(synthetic_set.root, "train")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")  # e.g. the input folder itself, given as the output
+    with pytest.raises(ConfigError, match=r"output=.*out holds 1 file\(s\) \(e.g. notes.txt\) and no manifest.json"):
+        encode(encode_cfg(tmp_path, f"{shards}/000000.tar"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+    (tmp_path / "out" / "notes.txt").unlink()
+    encode(encode_cfg(tmp_path, f"{shards}/000000.tar"))
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    other = tmp_path / "other"  # another data set with a shard of the same name
+    other.mkdir()
+    (other / "000000.tar").write_bytes((shards / "000001.tar").read_bytes())
+    with pytest.raises(ConfigError, match=r"holds part 000000 encoded from .*train/000000.tar, not from .*other/000000.tar"):
+        encode(encode_cfg(tmp_path, f"{other}/000000.tar"))
+    with pytest.raises(ConfigError, match=r"part 000000's output would overwrite its own input"):
+        encode(encode_cfg(tmp_path, f"{tmp_path / 'out'}/000000.tar"))  # an encoding encoded into itself
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == written
+
+
+def test_an_unreadable_folder_image_is_a_counted_skip_and_keys_stay_readable(tmp_path, caplog):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for name in ("0.png", "1.png", "IMG_2.edited.png", "sub/3.png"):
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(photos / name)
+    (photos / "1b.png").symlink_to(photos / "gone.png")  # a broken link between readable images
+    counts = encode(encode_cfg(tmp_path, photos))
+    assert counts == {"parts": 1, "encoded": 4, "skipped": 1, "bad_shards": 0}  # the images after it were not lost
+    assert "cannot read" in caplog.text and "1b.png" in caplog.text
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["parts"]["000000"]["skipped"] == {"no_image": 1}
+    records = list(wds.WebDataset(str(tmp_path / "out" / "000000.tar"), shardshuffle=False))
+    assert sorted(r["__key__"] for r in records) == ["0", "1", "IMG_2_edited", "sub/3"]  # a dot would end the key early
+    assert all("indices.npy" in r for r in records)
+    Image.new("RGB", (64, 64)).save(photos / "0.jpg")
+    with pytest.raises(ValueError, match=r"1 key\(s\) under .*photos name more than one image, e.g. 0.jpg and 0.png"):
+        input_parts(photos)
+
+
 # ---- the training cache ---------------------------------------------------------------------------------
 
 

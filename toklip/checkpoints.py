@@ -301,12 +301,17 @@ def newest_readable_checkpoint(candidates: Iterable[Path]) -> Path:
     return path
 
 
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is a `temporary_path`: a file being written, or left by a killed writer."""
+    pid = path.name.rsplit(".tmp-", 1)[-1]
+    return path.name.startswith(".") and ".tmp-" in path.name and pid.isdigit()
+
+
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Delete the temporary files that killed writers left in `directory` (those of live processes stay)."""
     removed = []
-    for temporary in directory.glob(".*.tmp-*"):
-        pid = temporary.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+    for temporary in filter(is_temporary, directory.glob(".*.tmp-*")):
+        if not _process_alive(int(temporary.name.rsplit("-", 1)[-1])):
             temporary.unlink(missing_ok=True)
             removed.append(temporary)
     return removed

@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from ..checkpoints import publish, remove_stale_temporaries, replace_file, save_safetensors, temporary_path
+from ..checkpoints import is_temporary, publish, remove_stale_temporaries, replace_file, save_safetensors, temporary_path
 from ..config import ConfigError
 from ..data.cache import MANIFEST
 from ..data.samples import SkippedSample
@@ -250,8 +250,17 @@ class PartWriter(BasePredictionWriter):
 
 
 def claim_output(out: Path, settings: Mapping[str, Any]) -> None:
-    """Record the job's settings in `out`, or check them against those recorded there."""
+    """Record the job's settings in `out`, or check them against those recorded there. A folder that
+    holds files but no manifest is no encoding's: refused, not written into (it may be the input)."""
     manifest = out / MANIFEST
+    if not manifest.is_file() and out.is_dir():
+        remove_stale_temporaries(out)  # a job killed while writing its first manifest
+        found = sorted(f for f in out.iterdir() if not is_temporary(f))  # another rank's manifest, being written
+        if found:
+            raise ConfigError(
+                f"output={out} holds {len(found)} file(s) (e.g. {found[0].name}) and no {MANIFEST}: it is no encoding's "
+                f"output; choose a new or empty folder"
+            )
     if manifest.is_file():
         recorded = json.loads(manifest.read_text()).get("settings", {})
         changed = {key: (recorded.get(key), settings.get(key)) for key in {*recorded, *settings} if recorded.get(key) != settings.get(key)}
@@ -264,6 +273,29 @@ def claim_output(out: Path, settings: Mapping[str, Any]) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     replace_file(manifest, (json.dumps({"settings": dict(settings), "parts": {}}, indent=2, sort_keys=True) + "\n").encode())
+
+
+def check_part_inputs(out: Path, parts: Sequence[InputPart], format: str) -> None:
+    """Refuse a part whose output would overwrite an input, or whose name `out` already holds for
+    another input (another data set's shard of the same name): both would replace files without a word."""
+    for part in parts:
+        if _local(output_path(out, part.name, format)) == _local(part.source):
+            raise ConfigError(f"output={out}: part {part.name}'s output would overwrite its own input {part.source}")
+        try:
+            recorded = json.loads(record_path(out, part.name).read_text()).get("input")
+        except (OSError, ValueError):
+            continue
+        if recorded is not None and _local(recorded) != _local(part.source):
+            raise ConfigError(
+                f"output={out} holds part {part.name} encoded from {recorded}, not from {part.source}: another input's "
+                f"encoding; choose another output"
+            )
+
+
+def _local(source: str | os.PathLike) -> str:
+    """A source as one string whatever the working directory: local paths absolute, URLs and pipes as they are."""
+    source = os.fspath(source)
+    return source if "://" in source or source.startswith("pipe:") else os.path.abspath(source)
 
 
 def write_manifest(out: Path, parts: Sequence[InputPart], format: str) -> dict[str, Any]:
@@ -298,6 +330,7 @@ def run_encode_job(
         raise ValueError(f"format={format!r}: choose {' or '.join(FORMATS)}")
     out = Path(out)
     claim_output(out, {**settings, "format": format})
+    check_part_inputs(out, parts, format)
     for stale in remove_stale_temporaries(out):
         log.info("removed %s, left by an encode that was killed", stale)
     writer = PartWriter(out, format)

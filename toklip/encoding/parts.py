@@ -4,6 +4,7 @@ output file of its own, so that a job splits over ranks and workers and resumes 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from typing import Any
 
 from ..data.samples import IMAGE_EXTENSIONS
 from ..data.sources import resolve_sources, tar_samples
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,22 @@ class InputPart:
         folder = Path(self.source)
         for name in self.files:
             path = folder / name
-            sample = {"__key__": str(Path(name).with_suffix("")), "__url__": str(path), path.suffix.lower().lstrip("."): path.read_bytes()}
+            sample = {"__key__": folder_key(name), "__url__": str(path)}
+            try:
+                sample[path.suffix.lower().lstrip(".")] = path.read_bytes()
+            except OSError as err:  # this image only (a broken link, no permission): skipped and counted as no_image
+                log.warning("cannot read %s: %s", path, err)
             caption = path.with_suffix(".txt")
             if caption.is_file():
                 sample["txt"] = caption.read_bytes()
             yield sample
+
+
+def folder_key(name: str) -> str:
+    """A folder image's sample key: its relative path without the extension, a dot in its name made `_`
+    (a WebDataset reader ends a key at the name's first dot)."""
+    path = Path(name)
+    return str(path.parent / path.stem.replace(".", "_"))
 
 
 def input_parts(source: str | os.PathLike, files_per_part: int = 1000) -> list[InputPart]:
@@ -49,9 +63,11 @@ def input_parts(source: str | os.PathLike, files_per_part: int = 1000) -> list[I
     000000, 000001, ...) or shard patterns (one part a shard, named as the shard without `.tar`)."""
     folder = Path(source)
     if folder.is_dir():
-        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+        found = (p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and not p.is_dir())
+        files = sorted(str(p.relative_to(folder)) for p in found)
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+        _check_keys_distinct(files, folder)
         runs = range(0, len(files), files_per_part)
         return [InputPart(f"{i:06d}", str(folder), tuple(files[start : start + files_per_part])) for i, start in enumerate(runs)]
     urls = [url for s in resolve_sources(str(source)) for url in s.urls]
@@ -61,6 +77,18 @@ def input_parts(source: str | os.PathLike, files_per_part: int = 1000) -> list[I
         examples = [p.source for p in parts if p.name == repeated[0]]
         raise ValueError(f"input shards share an output name ({repeated[0]!r}: {', '.join(examples)}); give shards of distinct names")
     return parts
+
+
+def _check_keys_distinct(files: list[str], folder: Path) -> None:
+    """Two images with one key (`cat.jpg` and `cat.png`) would make an output no reader can read."""
+    by_key: dict[str, list[str]] = {}
+    for name in files:
+        by_key.setdefault(folder_key(name), []).append(name)
+    shared = [names for names in by_key.values() if len(names) > 1]
+    if shared:
+        raise ValueError(
+            f"{len(shared)} key(s) under {folder} name more than one image, e.g. {' and '.join(shared[0])}; rename one of each"
+        )
 
 
 def _shard_name(url: str) -> str:
