@@ -19,6 +19,7 @@ import webdataset as wds
 from omegaconf import open_dict
 
 import toklip
+from toklip.checkpoints import file_sha256
 from toklip.config import ConfigError
 from toklip.data import CacheDataModule
 from toklip.data.transforms import train_transform, view_seed
@@ -378,9 +379,14 @@ def test_a_cache_refuses_another_model_or_evaluation_sets(frozen_parts, tiny_cac
     dm = CacheDataModule(f"{tiny_cache}/*.tar")
     settings = dm.manifest["settings"]
     with pytest.raises(ConfigError, match="another codebook"):
-        dm.check_model(settings["architecture"], "0" * 64)
+        dm.check_model(settings["architecture"], "0" * 64, settings["teacher_sha256"])
     with pytest.raises(ConfigError, match="made for the model"):
-        dm.check_model({**settings["architecture"], "image_size": 32}, settings["codebook_sha256"])
+        dm.check_model({**settings["architecture"], "image_size": 32}, settings["codebook_sha256"], settings["teacher_sha256"])
+    # Its targets are one teacher file's embeddings (that file also starts the student and gives the text tower).
+    assert settings["teacher_sha256"] == file_sha256(frozen_parts[0])
+    with pytest.raises(ConfigError, match=r"made with another teacher \(.*\) than this run's teacher.checkpoint"):
+        dm.check_model(settings["architecture"], settings["codebook_sha256"], "0" * 64)
+    dm.check_model(settings["architecture"], settings["codebook_sha256"], settings["teacher_sha256"])  # its own: accepted
     with pytest.raises(ConfigError, match="eval=none"):
         CacheDataModule(f"{tiny_cache}/*.tar", eval_sets={"zeroshot": {"kind": "zeroshot", "root": "x"}})
     with pytest.raises(ConfigError, match="cannot validate on eval sets zeroshot, retrieval: add eval=none"):

@@ -243,16 +243,19 @@ def _recorded_digests(path: Path) -> list[str]:
     return [line.split()[0] for line in recorded.read_text().splitlines() if line.strip()] if recorded.is_file() else []
 
 
-def verify_checksum(path: Path, where: str) -> None:
-    """When a checksum file lies beside `path`, the file must match a digest it lists."""
-    recorded = _recorded_digests(path)
-    if not recorded:
-        return
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
-    if digest.hexdigest() not in recorded:
+    return digest.hexdigest()
+
+
+def verify_checksum(path: Path, where: str) -> None:
+    """When a checksum file lies beside `path`, the file must match a digest it lists."""
+    recorded = _recorded_digests(path)
+    if recorded and file_sha256(path) not in recorded:
         raise CheckpointError(f"{where} does not match its checksum ({checksum_path(path).name}): the file is damaged")
 
 

@@ -123,14 +123,17 @@ class CacheDataModule(TokLIPDataModule):
     def sample_decoder(self) -> CachedSample:
         return CachedSample(self.read_teacher_tokens, self.has_captions, self.has_labels)
 
-    def check_model(self, architecture: Mapping[str, Any], codebook_sha256: str) -> None:
-        """The model must be the one whose frozen networks made the cache: the same parts and codebook."""
+    def check_model(self, architecture: Mapping[str, Any], codebook_sha256: str, teacher_sha256: str | None) -> None:
+        """The model must be the one whose frozen networks made the cache: the same parts, codebook and
+        teacher file (its embeddings are the cache's targets; it also starts the student and gives the text tower)."""
         settings = self.manifest["settings"]
         if dict(architecture) != settings["architecture"]:
             raise ConfigError(f"the cache was made for the model {settings['architecture']}, not {dict(architecture)}")
         if not self.has_captions:
             raise ConfigError("the cache holds no caption embeddings (made with captions=false): TokLIP cannot train from it")
         self.check_codebook(codebook_sha256, settings["resolution"])
+        if "teacher_sha256" in settings and teacher_sha256 != settings["teacher_sha256"]:  # caches before it was recorded: unchecked
+            raise ConfigError(f"the cache was made with another teacher ({settings['teacher']}) than this run's teacher.checkpoint")
 
     def check_codebook(self, codebook_sha256: str, resolution: int) -> None:
         """The cache's indices must be of this codebook, on this token grid (the image resolution)."""

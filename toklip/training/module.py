@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, StateDict, load_state_dict_strict
+from ..checkpoints import CheckpointError, StateDict, file_sha256, load_state_dict_strict
 from ..config import group_settings, settings_from_group
 from ..losses import DistillLoss, LossSettings, SigLipLoss, clamp_logit_scale_
 from ..models.factory import build_toklip_from, toklip_export_metadata
@@ -247,7 +247,9 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
             datamodule = getattr(self.trainer, "datamodule", None)
             if not hasattr(datamodule, "check_model"):
                 raise ValueError("model.inputs=cache reads a training cache: use data=cache (a cache made by toklip-cache)")
-            datamodule.check_model(asdict(self.architecture), codebook_fingerprint(self.model.tokenizer.table))
+            teacher = self.teacher_cfg["checkpoint"]
+            teacher_sha256 = None if teacher is None else file_sha256(teacher)
+            datamodule.check_model(asdict(self.architecture), codebook_fingerprint(self.model.tokenizer.table), teacher_sha256)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
