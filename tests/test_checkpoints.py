@@ -36,6 +36,12 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, malicious_payload
 def test_missing_file_names_path_and_config_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"not found: .*nowhere\.pt \(from tokenizer\.checkpoint\)"):
         toklip.build_tokenizer("llamagen_tiny", checkpoint=tmp_path / "nowhere.pt", source="tokenizer.checkpoint")
+    from toklip.comprehension import load_comprehension
+    from toklip.generation import load_generator
+
+    for load in (load_comprehension, load_generator):  # an export read with its sidecar: missing, not "no sidecar"
+        with pytest.raises(CheckpointError, match=r"checkpoint not found: .*nowhere\.safetensors"):
+            load(tmp_path / "nowhere.safetensors")
 
 
 def test_truncated_and_foreign_files(tmp_path):

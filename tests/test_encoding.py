@@ -132,6 +132,27 @@ def test_skipped_images_and_damaged_shards_are_counted_and_named(tmp_path, caplo
     assert records["a"]["skipped"] == {"corrupt_image": 1} and records["b"]["skipped"]["bad_shard"] == 1
 
 
+def test_a_job_that_skips_too_many_images_fails_naming_why_and_keeps_its_parts(tmp_path, monkeypatch):
+    from tests.test_data import png, write_shards
+    from toklip.data import DataQualityError
+    from toklip.encoding import job
+
+    write_shards(tmp_path / "in", [{"__key__": f"{i}", "png": png() if i < 3 else b"not an image"} for i in range(8)], per_shard=4)
+    source = f"{tmp_path / 'in'}/*.tar"
+    assert encode(encode_cfg(tmp_path, source))["skipped"] == 5  # 8 images read: too few to judge the data by
+    monkeypatch.setattr(job, "MIN_IMAGES_FOR_SKIP_CHECK", 8)
+    (tmp_path / "out" / "0001.tar").unlink()  # redone: now judged
+    with pytest.raises(DataQualityError, match=r"5 of 8 images skipped \(max_skip_fraction=0.5\): corrupt_image=5; the parts are in"):
+        encode(encode_cfg(tmp_path, source, "max_skip_fraction=0.5"))
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]  # nothing lost
+    assert encode(encode_cfg(tmp_path, source, "max_skip_fraction=0.7")) == {}  # under the bound: finished, no error
+    write_shards(tmp_path / "bad", [{"__key__": f"{i}", "png": b"not an image"} for i in range(2)], per_shard=2)
+    with pytest.raises(DataQualityError, match="2 of 2 images skipped"):
+        encode(encode_cfg(tmp_path / "b", f"{tmp_path / 'bad'}/*.tar"))  # nothing encoded: always an error
+    with pytest.raises(ValueError, match="the input is empty"):
+        input_parts("")  # not the working folder
+
+
 def test_kill_9_at_a_random_moment_then_a_rerun_gives_every_sample_once(tmp_path):
     from tests.test_data import png, write_shards
 

@@ -266,6 +266,8 @@ def sidecar_path(weights: Path) -> Path:
 
 def read_sidecar(weights: Path, key: str, hint: str) -> dict[str, Any]:
     """The description beside an export, which must record `key`; `hint` says what to do otherwise."""
+    if not Path(weights).is_file():
+        raise CheckpointError(f"checkpoint not found: {weights}")
     sidecar = sidecar_path(weights)
     if not sidecar.is_file():
         raise ValueError(f"{weights}: no {sidecar.name} beside it recording its {key} ({hint})")

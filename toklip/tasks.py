@@ -271,6 +271,7 @@ def _run_job(cfg: DictConfig, encoder: L.LightningModule, prepare: Any, settings
     return run_encode_job(
         encoder, input_parts(cfg.input, cfg.samples_per_file), cfg.output, settings=settings, prepare=prepare, format=cfg.format,
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, make_trainer=instantiate(cfg.trainer, _partial_=True, _convert_="all"),
+        max_skip_fraction=cfg.max_skip_fraction,
     )  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..checkpoints import is_temporary, publish, remove_stale_temporaries, replace_file, save_safetensors, temporary_path
 from ..config import ConfigError
 from ..data.cache import MANIFEST
+from ..data.datamodule import DataQualityError
 from ..data.samples import SkippedSample
 from ..data.workers import SignalSafeLoader
 from ..distributed import rank_and_world
@@ -322,10 +323,12 @@ def run_encode_job(
     batch_size: int = 64,
     num_workers: int = 2,
     make_trainer: Callable[..., L.Trainer] = L.Trainer,
+    max_skip_fraction: float = 0.1,
 ) -> dict[str, int]:
     """Encode the unfinished `parts` into `out` with `encoder.predict_step` (a dict of per-sample tensors,
     on the CPU); `make_trainer` gives the launcher, devices and precision (a partial of `L.Trainer`).
-    Returns this rank's counts: encoded and skipped images, bad shards, parts written."""
+    Returns this rank's counts: encoded and skipped images, bad shards, parts written. A finished job
+    that skipped more than `max_skip_fraction` of its images (`check_skipped`) ends in a DataQualityError."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: choose {' or '.join(FORMATS)}")
     out = Path(out)
@@ -347,4 +350,24 @@ def run_encode_job(
                 len(parts),
                 out,
             )
+        else:
+            check_skipped(manifest, max_skip_fraction, out)
     return dict(writer.counts)
+
+
+MIN_IMAGES_FOR_SKIP_CHECK = 1000  # below it a few bad files are no verdict on the data, unless nothing was encoded
+
+
+def check_skipped(manifest: Mapping[str, Any], max_skip_fraction: float, out: Path) -> None:
+    """A finished job's skips, counted by reason over its parts: more than `max_skip_fraction` of its images
+    (once it has read MIN_IMAGES_FOR_SKIP_CHECK), or every image, is a DataQualityError. Its outputs stay."""
+    skipped: Counter[str] = Counter()
+    for record in manifest["parts"].values():
+        skipped.update({reason: n for reason, n in record["skipped"].items() if reason != "bad_shard"})
+    total, seen = sum(skipped.values()), manifest["samples"] + sum(skipped.values())
+    if manifest["samples"] == 0 or (seen >= MIN_IMAGES_FOR_SKIP_CHECK and total > max_skip_fraction * seen):
+        reasons = ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items())) or "no images read"
+        raise DataQualityError(
+            f"{total} of {seen} images skipped (max_skip_fraction={max_skip_fraction}): {reasons}; the parts are in {out}, "
+            f"its manifest.json names each part's skips"
+        )

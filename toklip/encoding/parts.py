@@ -61,6 +61,8 @@ def folder_key(name: str) -> str:
 def input_parts(source: str | os.PathLike, files_per_part: int = 1000) -> list[InputPart]:
     """The parts of `source`: a folder of images (recursively, sorted; `files_per_part` to a part, named
     000000, 000001, ...) or shard patterns (one part a shard, named as the shard without `.tar`)."""
+    if not os.fspath(source).strip():
+        raise ValueError("the input is empty: give a folder of images or shard patterns")  # Path("") is the working folder
     folder = Path(source)
     if folder.is_dir():
         found = (p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and not p.is_dir())
