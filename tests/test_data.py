@@ -202,7 +202,7 @@ def test_truncated_shard_ends_with_a_warning_and_the_stream_goes_on(tmp_path, ca
     urls = write_shards(tmp_path / "t", [numbered_sample(i) for i in range(30)], per_shard=10)
     middle = tmp_path / "t" / "0001.tar"
     middle.write_bytes(middle.read_bytes()[:3000])  # cut inside the shard
-    dm = datamodule(urls, train_num_samples=30, batch_size_per_device=1)
+    dm = datamodule(urls, train_num_samples=30, batch_size_per_device=1, max_skip_fraction=0.5)  # a third of the epoch lost
     with caplog.at_level(logging.WARNING):
         got = []
         for batch in dm.train_loader():
@@ -210,7 +210,7 @@ def test_truncated_shard_ends_with_a_warning_and_the_stream_goes_on(tmp_path, ca
     assert set(range(10)) | set(range(20, 30)) <= set(got)
     assert not set(got) - set(range(30))
     assert dm.skip_counts()["bad_shard"] == 1
-    assert "0001.tar" in caplog.text and "truncated" in caplog.text
+    assert "shard " in caplog.text and "0001.tar is damaged" in caplog.text
 
 
 def test_too_many_skips_stop_the_run_with_the_reasons(tmp_path):
@@ -524,6 +524,28 @@ def test_an_epoch_that_delivers_nothing_fails_with_the_reasons(tmp_path):
         match=r"epoch 0 delivered no training batch of 2 samples \(no_caption=1, corrupt_image=8\); check the shards in '.*corrupt/\{0000..0000\}.tar'",
     ):
         list(dm.train_loader())
+
+
+def test_an_epoch_that_bad_shards_cut_short_fails_and_one_short_of_samples_goes_on(tmp_path):
+    urls = write_shards(tmp_path / "shards", [numbered_sample(i) for i in range(40)], per_shard=10)
+    for i in (1, 2, 3):
+        (tmp_path / "shards" / f"{i:04d}.tar").write_bytes(b"")  # failed downloads
+    with pytest.raises(DataQualityError, match=r"epoch 0 delivered 2 of its 8 batches \(bad_shard=3; max_skip_fraction=0.1\)"):
+        list(datamodule(urls, train_num_samples=40, batch_size_per_device=5).train_loader())
+    assert len(list(datamodule(urls, train_num_samples=40, batch_size_per_device=5, max_skip_fraction=0.8).train_loader())) == 2
+    whole = write_shards(tmp_path / "whole", [numbered_sample(i) for i in range(10)], per_shard=10)
+    assert len(list(datamodule(whole, train_num_samples=40, batch_size_per_device=5).train_loader())) == 2  # no bad shard
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "empty"])
+def test_resampled_shards_of_which_nothing_decodes_fail_instead_of_drawing_forever(tmp_path, damage):
+    urls = write_shards(tmp_path / "bad", [{**numbered_sample(i), "png": b"garbage"} for i in range(4)], per_shard=2)
+    if damage == "empty":
+        for shard in (tmp_path / "bad").glob("*.tar"):
+            shard.write_bytes(b"")
+    found = "corrupt_image=" if damage == "corrupt" else "bad_shard=2"  # a shard counts once
+    with pytest.raises(DataQualityError, match=rf"20 shards drawn and not one sample decoded \(.*{found}.*\); check the shards"):
+        next(iter(datamodule(urls, train_num_samples=8, batch_size_per_device=2, resampled=True).train_loader()))
 
 
 @pytest.mark.skipif(

@@ -14,17 +14,13 @@ from torch.utils.data import DataLoader
 from ..config import ConfigError
 from ..distributed import rank_and_world
 from .eval_sets import EvalSet, build_eval_sets
-from .samples import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SampleDecoder
+from .samples import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, DataQualityError, SampleDecoder
 from .sources import resolve_sources
 from .stream import COUNTERS, REFERENCE_SAMPLE_SHUFFLE, REFERENCE_SHARD_SHUFFLE, STREAM_HEAD, ResumePoint, ShardStream, SharedEpoch
 from .transforms import TRAIN_CROP_SCALE, eval_transform, preprocess_config, train_transform
 from .workers import SignalSafeLoader
 
 log = logging.getLogger(__name__)
-
-
-class DataQualityError(RuntimeError):
-    """Too many training samples were skipped: the data, not the model, needs attention."""
 
 
 class _EpochLoader(SignalSafeLoader):
@@ -252,13 +248,23 @@ class TokLIPDataModule(L.LightningDataModule):
         return metrics
 
     def _check_delivered(self, batches: int) -> None:
-        """An epoch whose streams all ended without one batch: nothing was learnt, and the run must not pass."""
+        """An epoch whose streams all ended without one batch: nothing was learnt, and the run must not pass.
+        Nor may one that bad shards cut short by more than `max_skip_fraction` of its batches (a shard
+        counts once, whatever it held). An epoch short for want of samples alone (train_num_samples set
+        above the data's) goes on, as open_clip's does."""
+        counts = {reason: count for reason, count in zip(COUNTERS, self._epoch_counts().tolist()) if count}
+        found = ", ".join(f"{reason}={count}" for reason, count in counts.items()) or "no samples at all"
         if batches == 0:
-            counts = {reason: count for reason, count in zip(COUNTERS, self._epoch_counts().tolist()) if count}
-            found = ", ".join(f"{reason}={count}" for reason, count in counts.items()) or "no samples at all"
             raise DataQualityError(
                 f"epoch {self._current_epoch()} delivered no training batch of {self.batch_size} samples ({found}); "
                 f"check the shards in {self.train_urls!r}"
+            )
+        planned = self.num_batches_per_epoch(rank_and_world()[1])
+        delivered = sum(produced for _, produced in self._positions.values())  # a resumed epoch's earlier batches too
+        if counts.get("bad_shard") and delivered < (1 - self.max_skip_fraction) * planned:
+            raise DataQualityError(
+                f"epoch {self._current_epoch()} delivered {delivered} of its {planned} batches ({found}; "
+                f"max_skip_fraction={self.max_skip_fraction}); check the shards in {self.train_urls!r}"
             )
 
     def _check_skip_fraction(self) -> None:

@@ -19,6 +19,10 @@ SKIP_REASONS = ("no_image", "no_caption", "empty_caption", "corrupt_image", "too
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb bound (about 0.25 GB as RGB)
 
 
+class DataQualityError(RuntimeError):
+    """Too many samples were skipped: the data, not the model, needs attention."""
+
+
 class SkippedSample(Exception):
     """A sample that cannot be used; `reason` is one of SKIP_REASONS."""
 

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
-from .samples import SKIP_REASONS, SkippedSample
+from .samples import SKIP_REASONS, DataQualityError, SkippedSample
 from .sources import ShardSource, tar_samples
 from .transforms import seeded_augmentation
 
@@ -151,12 +151,17 @@ class ShardStream(IterableDataset):
         worker, num_workers = _worker()
         epoch = self.epoch.get()
         counts: Counter[str] = Counter()
-        current = {"url": None}
+        current = {"url": None, "opened": 0, "decoded": 0}
         bad_urls: set[str] = set()
+        # Resampling never runs out of shards: data of which nothing decodes would be drawn forever, no batch, no error.
+        fruitless_draws = 10 * self.num_shards + self.sample_shuffle[0]
 
         def opened() -> Iterator[dict[str, str]]:
             for url in self._shard_urls(epoch, worker, num_workers):
-                current["url"] = url
+                if self.resampled and current["opened"] >= fruitless_draws and not current["decoded"]:
+                    found = ", ".join(f"{reason}={n}" for reason, n in counts.items() if n) or "no samples at all"
+                    raise DataQualityError(f"{current['opened']} shards drawn and not one sample decoded ({found}); check the shards")
+                current["url"], current["opened"] = url, current["opened"] + 1
                 yield {"url": url}
 
         def on_shard_error(err: Exception) -> bool:
@@ -164,7 +169,7 @@ class ShardStream(IterableDataset):
             if current["url"] not in bad_urls:
                 bad_urls.add(current["url"])
                 counts["bad_shard"] += 1
-                log.warning("shard %s is truncated or unreadable; the rest of it is skipped (%s)", current["url"], err)
+                log.warning("shard %s is damaged (%s): what of it cannot be read is skipped", current["url"], err)
             return True
 
         samples = tar_samples(opened(), handler=on_shard_error)
@@ -184,6 +189,7 @@ class ShardStream(IterableDataset):
                 # Augmentation drawn from (stream, position) alone: a resumed run crops as the first did.
                 with seeded_augmentation(augment_seed + position):
                     batch.append(self.decoder(sample))
+                current["decoded"] += 1
             except SkippedSample as skipped:
                 counts[skipped.reason] += 1
                 log.debug("skipped %s from %s: %s", sample.get("__key__"), sample.get("__url__"), skipped)
