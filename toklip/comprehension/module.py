@@ -125,7 +125,8 @@ class ComprehensionModule(ExportableModule, L.LightningModule):
             self.start_from(Path(init))
 
     def start_from(self, path: Path) -> None:
-        """The trained weights of an earlier stage's export that this model has (its projector, a codes embedding)."""
+        """The trained weights of an earlier stage's export (its projector, a codes embedding, an LM this run
+        trains too); an export holding weights this run would not train, and so drop, is refused."""
         description = read_description(path)
         trained_with, ours = description["vision_input"]["kind"], self.hparams.vision_input.get("kind")
         if trained_with != ours:
@@ -141,12 +142,11 @@ class ComprehensionModule(ExportableModule, L.LightningModule):
                 f"model.init={path}: its {description['stage']} stage trained {len(untrained_here)} weight(s) that this run does "
                 f"not train and would drop ({', '.join(untrained_here[:4])}, ...): give the llm.lora and model.stage it was trained with"
             )
-        kept = dict(state)
-        mismatched = compare_state_dict(self.model, kept).mismatched
+        mismatched = compare_state_dict(self.model, state).mismatched
         if mismatched:
             sizes = LoadReport(mismatched=mismatched).describe(limit=8)
             raise ConfigError(f"model.init={path}: was trained with other sizes than this run's: {sizes}")
-        self.model.load_state_dict(kept, strict=False)
+        self.model.load_state_dict(state, strict=False)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"])

@@ -32,8 +32,7 @@ from tqdm.auto import tqdm
 from ..checkpoints import is_temporary, publish, remove_stale_temporaries, replace_file, save_safetensors, temporary_path
 from ..config import ConfigError
 from ..data.cache import MANIFEST
-from ..data.datamodule import DataQualityError
-from ..data.samples import SkippedSample
+from ..data.samples import DataQualityError, SkippedSample
 from ..data.workers import SignalSafeLoader
 from ..distributed import rank_and_world
 from .parts import InputPart
