@@ -42,6 +42,12 @@ def test_missing_file_names_path_and_config_key(tmp_path):
     for load in (load_comprehension, load_generator):  # an export read with its sidecar: missing, not "no sidecar"
         with pytest.raises(CheckpointError, match=r"checkpoint not found: .*nowhere\.safetensors"):
             load(tmp_path / "nowhere.safetensors")
+    (tmp_path / "g.safetensors").write_bytes(b"weights")  # a sidecar missing, then damaged: one line each, not a traceback
+    with pytest.raises(CheckpointError, match=r"g\.safetensors: no g\.json beside it recording its generator"):
+        load_generator(tmp_path / "g.safetensors")
+    (tmp_path / "g.json").write_text('{"generator": "')
+    with pytest.raises(CheckpointError, match=r"g\.json: not JSON"):
+        load_generator(tmp_path / "g.safetensors")
 
 
 def test_truncated_and_foreign_files(tmp_path):

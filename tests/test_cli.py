@@ -36,6 +36,28 @@ def test_toklip_convert_names_bad_input(tmp_path):
     assert no_file.returncode != 0 and "checkpoint not found: nowhere.pt (from checkpoint)" in no_file.stderr
 
 
+def test_toklip_convert_never_writes_over_what_it_converts(tmp_path):
+    import pytest
+
+    from toklip.config import ConfigError
+    from toklip.tasks import convert
+
+    released, earlier = tmp_path / "rel.pt", tmp_path / "rel.safetensors"
+    released.write_bytes(b"a released checkpoint")
+    earlier.write_bytes(b"an earlier export")
+    refusals = {
+        r"out=.*rel.safetensors is the checkpoint it converts": [f"checkpoint={earlier}", f"out={tmp_path / 'x' / '..' / earlier.name}"],
+        r"out=.*new.pt: the export is safetensors": [f"checkpoint={released}", f"out={tmp_path / 'new.pt'}"],
+        "checkpoint= must name the released TokLIP file": [f"out={tmp_path / 'new.safetensors'}"],
+        "what='weights': choose released or teacher": ["what=weights", f"out={tmp_path / 'new.safetensors'}"],
+    }
+    for problem, overrides in refusals.items():
+        with pytest.raises(ConfigError, match=problem):
+            convert(toklip.compose_config("convert", ["released_preset=tiny_64", *overrides]))
+    assert released.read_bytes() == b"a released checkpoint" and earlier.read_bytes() == b"an earlier export"
+    assert not (tmp_path / "new.pt").exists()
+
+
 def test_toklip_make_synthetic_from_the_shell_feeds_the_datamodule(tmp_path):
     overrides = [
         "out=syn",

@@ -207,10 +207,31 @@ def test_class_conditional_generation_from_a_labelled_cache_to_scored_images(fro
     assert Image.open(tmp_path / "samples" / "grid.png").size == (2 + 2 * 66, 2 + 2 * 66)  # 2 x 2 images of 64 px
     again = generate(compose("generate", tmp_path / "gen", [*generate_cfg, f"out={tmp_path / 'again'}"]))
     assert again == scores  # the same seed draws the same images
-    with pytest.raises(ConfigError, match="class-conditional"):
-        generate(compose("generate", tmp_path / "gen", [*generate_cfg, "classes=[]", "prompts=[a red square]"]))
-    with pytest.raises(ConfigError, match="outside 0..3"):
-        generate(compose("generate", tmp_path / "gen", [*generate_cfg, "classes=[4]"]))
+    with pytest.raises(ConfigError, match="holds an earlier run's samples"):
+        generate(compose("generate", tmp_path / "gen", generate_cfg))  # they would mix with this run's
+    fresh = [o for o in generate_cfg if not o.startswith(("out=", "score.classnames="))] + [f"out={tmp_path / 'refused'}"]
+    two = tmp_path / "two_names.txt"
+    two.write_text("red\ngreen\n")
+    from toklip.models.factory import export_toklip
+    from toklip.models.presets import preset
+
+    torch.manual_seed(1)
+    other = export_toklip(toklip.build_toklip("tiny_64").state_dict(), preset("tiny_64"), tmp_path / "other" / "toklip.safetensors")
+    refusals = {  # each before anything is drawn
+        "class-conditional": ["classes=[]", "prompts=[a red square]"],
+        "outside 0..3": ["classes=[4]"],
+        r"class ids \[1.5\] are not integers": ["classes=[1.5]"],
+        r"sampling.top_p=1.5: expected a value in \(0, 1\]": ["sampling.top_p=1.5"],
+        "sampling.temperature=0": ["sampling.temperature=0"],
+        "samples_per_condition=0: expected 1 or more": ["samples_per_condition=0"],
+        "score.reference=.*nowhere: not a folder": [f"score.reference={tmp_path / 'nowhere'}"],
+        "names 2 classes; the generator has 4": [f"score.classnames={two}"],
+        r"was trained on another TokLIP model \(codebook SHA-256 \w+ there, \w+ here\)": [f"toklip={other}"],
+    }
+    for problem, overrides in refusals.items():
+        with pytest.raises(ConfigError, match=problem):
+            generate(compose("generate", tmp_path / "gen", [*fresh, *overrides]))
+    assert not (tmp_path / "refused").exists()
 
 
 def test_frechet_distance_and_clip_score_in_a_supplied_feature_space():

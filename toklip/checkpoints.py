@@ -270,10 +270,13 @@ def read_sidecar(weights: Path, key: str, hint: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {weights}")
     sidecar = sidecar_path(weights)
     if not sidecar.is_file():
-        raise ValueError(f"{weights}: no {sidecar.name} beside it recording its {key} ({hint})")
-    description = json.loads(sidecar.read_text())
-    if key not in description:
-        raise ValueError(f"{sidecar} records no {key} ({hint})")
+        raise CheckpointError(f"{weights}: no {sidecar.name} beside it recording its {key} ({hint})")
+    try:
+        description = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{sidecar}: not JSON ({err})") from None
+    if not isinstance(description, dict) or key not in description:
+        raise CheckpointError(f"{sidecar} records no {key} ({hint})")
     return description
 
 

@@ -42,7 +42,7 @@ from .data.transforms import TRAIN_CROP_SCALE, eval_transform, preprocess_config
 from .data.workers import shut_down_worker_pools
 from .encoding import CacheEncoder, FeatureEncoder, input_parts, run_encode_job
 from .evaluation import evaluate as evaluate_model
-from .generation import SamplingSettings, load_generator, sample_images
+from .generation import SamplingSettings, check_toklip_fits, load_generator, sample_images
 from .generation.evaluation import SampleScorer, image_batches
 from .generation.sampling import condition_tensor, save_samples
 from .models.factory import build_toklip_from, convert_released, convert_teacher, load_toklip
@@ -294,22 +294,46 @@ def generate(cfg: DictConfig) -> dict[str, float]:
     """Samples of a generator export for `cfg.prompts` or `cfg.classes` into `cfg.out` (a PNG a sample,
     grid.png, samples.json), and their scores by the TokLIP model itself (also scores.json): CLIP-score
     with the prompts; with `score.reference`, FD against those images; with `score.classnames`,
-    zero-shot accuracy on the classes' samples."""
+    zero-shot accuracy on the classes' samples. What can be checked is checked before anything is drawn."""
+    settings = SamplingSettings(**OmegaConf.to_container(cfg.sampling))
+    _check_generate_inputs(cfg)
     generator, toklip_path = load_generator(cfg.checkpoint)
     toklip = load_toklip(cfg.toklip or toklip_path)
+    check_toklip_fits(generator, toklip, cfg.checkpoint)
     try:
         conditions, names = condition_tensor(generator, toklip, list(cfg.prompts), list(cfg.classes), cfg.text.tokenizer_path)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if cfg.score.classnames is not None and (named := len(_classnames(cfg))) != generator.num_classes:
+        raise ConfigError(f"score.classnames={cfg.score.classnames} names {named} classes; the generator has {generator.num_classes}")
     per_condition, device = cfg.samples_per_condition, resolve_device(cfg.device)
     repeated = conditions.repeat_interleave(per_condition, dim=0).to(device)
-    settings = SamplingSettings(**OmegaConf.to_container(cfg.sampling))
     _, images = sample_images(generator.to(device), toklip.to(device), repeated, settings, seed=cfg.seed, batch_size=cfg.batch_size)
     out = Path(cfg.out)
     save_samples(out, images.cpu(), names, per_condition)
     scores = _score_samples(cfg, toklip, images, [name for name in names for _ in range(per_condition)], repeated.cpu(), device)
     (out / "scores.json").write_text(json.dumps({"checkpoint": cfg.checkpoint, "scores": scores}, indent=2) + "\n")
     return scores
+
+
+def _check_generate_inputs(cfg: DictConfig) -> None:
+    """The counts, the score inputs and the output folder, before a model loads: a typo must not cost the sampling."""
+    for key in ("samples_per_condition", "batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]!r}: expected 1 or more")
+    if cfg.score.reference is not None and not Path(cfg.score.reference).is_dir():
+        raise ConfigError(f"score.reference={cfg.score.reference}: not a folder of images")
+    if cfg.score.classnames is not None:
+        if not cfg.classes:
+            raise ConfigError("score.classnames scores samples of class ids: give classes=[...]")
+        if not Path(cfg.score.classnames).is_file():
+            raise ConfigError(f"score.classnames={cfg.score.classnames}: no such file")
+    if (Path(cfg.out) / "samples.json").exists():
+        raise ConfigError(f"out={cfg.out} holds an earlier run's samples (samples.json): choose another folder")
+
+
+def _classnames(cfg: DictConfig) -> list[str]:
+    return [line.strip() for line in Path(cfg.score.classnames).read_text().splitlines() if line.strip()]
 
 
 def _score_samples(
@@ -328,10 +352,7 @@ def _score_samples(
     if cfg.score.reference is not None:
         scores["fd"] = scorer.frechet_distance(image_batches(cfg.score.reference, toklip.image_size, cfg.batch_size), images)
     if cfg.score.classnames is not None:
-        if not cfg.classes:
-            raise ConfigError("score.classnames scores samples of class ids: give classes=[...]")
-        classnames = [line.strip() for line in Path(cfg.score.classnames).read_text().splitlines() if line.strip()]
-        scores["zeroshot_accuracy"] = scorer.zeroshot_accuracy(images, conditions, classnames, OPENAI_IMAGENET_TEMPLATES)
+        scores["zeroshot_accuracy"] = scorer.zeroshot_accuracy(images, conditions, _classnames(cfg), OPENAI_IMAGENET_TEMPLATES)
     return scores
 
 
@@ -379,14 +400,20 @@ def ask(cfg: DictConfig) -> dict[str, Any]:
 
 
 def convert(cfg: DictConfig) -> Path:
-    """A released TokLIP checkpoint (`what=released`) or open_clip teacher weights (`what=teacher`) -> safetensors."""
+    """A released TokLIP checkpoint (`what=released`) or open_clip teacher weights (`what=teacher`) -> safetensors.
+    The output is a new .safetensors, never the file it converts (a released .pt would be written over)."""
+    if cfg.what not in ("released", "teacher"):
+        raise ConfigError(f"what={cfg.what!r}: choose released or teacher")
+    out = Path(cfg.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"out={cfg.out}: the export is safetensors; name it <name>.safetensors")
+    if cfg.checkpoint is not None and out.resolve() == Path(cfg.checkpoint).resolve():
+        raise ConfigError(f"out={cfg.out} is the checkpoint it converts: write it beside, under another name")
     if cfg.what == "released":
         if cfg.checkpoint is None:
-            raise ValueError("checkpoint= must name the released TokLIP file (e.g. TokLIP_S_256.pt)")
+            raise ConfigError("checkpoint= must name the released TokLIP file (e.g. TokLIP_S_256.pt)")
         return convert_released(cfg.checkpoint, cfg.released_preset, cfg.out)
-    if cfg.what == "teacher":
-        return convert_teacher(cfg.teacher_model, cfg.checkpoint, cfg.out)
-    raise ValueError(f"what={cfg.what!r}: choose released or teacher")
+    return convert_teacher(cfg.teacher_model, cfg.checkpoint, cfg.out)
 
 
 def make_synthetic(cfg: DictConfig) -> SyntheticPaths:

@@ -2,7 +2,7 @@
 module and export (`module`), sampling (`sampling`) and scores (`evaluation`)."""
 
 from .generator import GENERATOR_SPECS, INPUT_MODES, GeneratorSpec, IncrementalStream, TokenGenerator
-from .module import GeneratorModule, load_generator
+from .module import GeneratorModule, check_toklip_fits, load_generator
 from .sampling import SamplingSettings, prompt_embeddings, sample_images
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "IncrementalStream",
     "SamplingSettings",
     "TokenGenerator",
+    "check_toklip_fits",
     "load_generator",
     "prompt_embeddings",
     "sample_images",

@@ -15,6 +15,7 @@ import torch
 from ..checkpoints import StateDict, load_state_dict_strict, read_checkpoint, read_sidecar
 from ..config import ConfigError, settings_from_group
 from ..models.factory import load_toklip
+from ..models.toklip import TokLIP
 from ..tokenizers.base import codebook_fingerprint
 from ..training.callbacks import ExportableModule
 from ..training.optim import AdamWCosine
@@ -124,7 +125,23 @@ class GeneratorModule(ExportableModule, L.LightningModule):
     def export_contents(self) -> tuple[StateDict, dict[str, str]]:
         """The generator's weights and architecture, and the TokLIP export it generates for (`load_generator`)."""
         state = gathered_state_dict(self.generator, sharded=self.device_mesh is not None)
-        return state, {"generator": json.dumps(self.generator.config()), "toklip": os.path.abspath(self.hparams.toklip)}
+        codebook = codebook_fingerprint(self.toklip.tokenizer.codebook())
+        description = {"generator": json.dumps(self.generator.config()), "toklip": os.path.abspath(self.hparams.toklip)}
+        return state, description | {"toklip_codebook_sha256": codebook}
+
+
+def check_toklip_fits(generator: TokenGenerator, toklip: TokLIP, checkpoint: str | os.PathLike) -> None:
+    """The TokLIP model a generator samples with must be the one it was trained on: its codebook (size and,
+    where the export records it, SHA-256) and token grid. Another one decodes the indices into other images."""
+    grid = toklip.visual.trunk.num_tokens
+    recorded = read_sidecar(Path(checkpoint), "generator", "a generator export").get("toklip_codebook_sha256")
+    found = {"codebook size": (generator.codebook_size, toklip.tokenizer.codebook_size), "tokens": (generator.num_tokens, grid)}
+    if recorded is not None:  # exports before it was recorded: sizes only
+        found["codebook SHA-256"] = (recorded[:12], codebook_fingerprint(toklip.tokenizer.codebook())[:12])
+    differing = {name: pair for name, pair in found.items() if pair[0] != pair[1]}
+    if differing:
+        described = "; ".join(f"{name} {trained} there, {given} here" for name, (trained, given) in differing.items())
+        raise ConfigError(f"{checkpoint} was trained on another TokLIP model ({described}): give toklip= the one it was trained on")
 
 
 def load_generator(path: str | os.PathLike) -> tuple[TokenGenerator, str]:

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from ..config import ConfigError
 from ..models.text import get_text_tokenizer_for
 from ..models.toklip import TokLIP
 from .generator import TokenGenerator
@@ -26,6 +27,14 @@ class SamplingSettings:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"sampling.temperature={self.temperature}: expected a value above 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"sampling.top_k={self.top_k}: expected 1 or more, or null (no top-k)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p={self.top_p}: expected a value in (0, 1], or null (no top-p)")
 
 
 @torch.no_grad()
@@ -73,10 +82,13 @@ def condition_tensor(
         return prompt_embeddings(toklip, prompts, tokenizer_path), list(prompts)
     if prompts or not classes:
         raise ValueError(f"this generator is class-conditional ({generator.num_classes} classes): give class ids (and no prompts)")
-    outside = [c for c in classes if not 0 <= int(c) < generator.num_classes]
+    not_ids = [c for c in classes if not isinstance(c, int) or isinstance(c, bool)]
+    if not_ids:
+        raise ValueError(f"class ids {not_ids} are not integers")
+    outside = [c for c in classes if not 0 <= c < generator.num_classes]
     if outside:
         raise ValueError(f"class ids {outside} are outside 0..{generator.num_classes - 1}")
-    return torch.tensor([int(c) for c in classes]), [f"class {int(c)}" for c in classes]
+    return torch.tensor(list(classes)), [f"class {c}" for c in classes]
 
 
 def save_samples(out: Path, images: torch.Tensor, names: Sequence[str], per_condition: int) -> Path:
