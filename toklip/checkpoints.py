@@ -309,17 +309,22 @@ def newest_readable_checkpoint(candidates: Iterable[Path]) -> Path:
     return path
 
 
+def _writer_pid(path: Path) -> int | None:
+    """The process writing `path` if it is a `temporary_path`, else None."""
+    stem, marker, pid = path.name.rpartition(".tmp-")
+    return int(pid) if stem.startswith(".") and marker and pid.isdigit() else None
+
+
 def is_temporary(path: Path) -> bool:
     """Whether `path` is a `temporary_path`: a file being written, or left by a killed writer."""
-    pid = path.name.rsplit(".tmp-", 1)[-1]
-    return path.name.startswith(".") and ".tmp-" in path.name and pid.isdigit()
+    return _writer_pid(path) is not None
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Delete the temporary files that killed writers left in `directory` (those of live processes stay)."""
     removed = []
     for temporary in filter(is_temporary, directory.glob(".*.tmp-*")):
-        if not _process_alive(int(temporary.name.rsplit("-", 1)[-1])):
+        if not _process_alive(_writer_pid(temporary)):
             temporary.unlink(missing_ok=True)
             removed.append(temporary)
     return removed

@@ -25,7 +25,6 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from .checkpoints import (
     CheckpointError,
-    file_sha256,
     newest_readable_checkpoint,
     read_checkpoint,
     remove_stale_temporaries,
@@ -259,7 +258,7 @@ def cache(cfg: DictConfig) -> dict[str, int]:
     settings = {
         "kind": "cache", "architecture": asdict(module.architecture), "preset": cfg.preset, "resolution": cfg.resolution,
         "tokenizer": _describe_file(module.tokenizer_cfg["checkpoint"]), "teacher": _describe_file(module.teacher_cfg["checkpoint"]),
-        "teacher_sha256": None if module.teacher_cfg["checkpoint"] is None else file_sha256(module.teacher_cfg["checkpoint"]),
+        "teacher_sha256": module.teacher_sha256(),
         "codebook_sha256": codebook_fingerprint(module.model.tokenizer.codebook()), "views": cfg.views,
         "teacher_tokens": cfg.teacher_tokens, "dtype": cfg.dtype, "crop_scale": crop_scale, "seed": cfg.seed,
         "captions": cfg.captions, "labels": cfg.labels,

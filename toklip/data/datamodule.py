@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from ..config import ConfigError
 from ..distributed import rank_and_world
 from .eval_sets import EvalSet, build_eval_sets
-from .samples import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, DataQualityError, SampleDecoder
+from .samples import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, DataQualityError, SampleDecoder, describe_counts
 from .sources import resolve_sources
 from .stream import COUNTERS, REFERENCE_SAMPLE_SHUFFLE, REFERENCE_SHARD_SHUFFLE, STREAM_HEAD, ResumePoint, ShardStream, SharedEpoch
 from .transforms import TRAIN_CROP_SCALE, eval_transform, preprocess_config, train_transform
@@ -252,8 +252,8 @@ class TokLIPDataModule(L.LightningDataModule):
         Nor may one that bad shards cut short by more than `max_skip_fraction` of its batches (a shard
         counts once, whatever it held). An epoch short for want of samples alone (train_num_samples set
         above the data's) goes on, as open_clip's does."""
-        counts = {reason: count for reason, count in zip(COUNTERS, self._epoch_counts().tolist()) if count}
-        found = ", ".join(f"{reason}={count}" for reason, count in counts.items()) or "no samples at all"
+        counts = dict(zip(COUNTERS, self._epoch_counts().tolist()))
+        found = describe_counts(counts) or "no samples at all"
         if batches == 0:
             raise DataQualityError(
                 f"epoch {self._current_epoch()} delivered no training batch of {self.batch_size} samples ({found}); "
@@ -261,7 +261,7 @@ class TokLIPDataModule(L.LightningDataModule):
             )
         planned = self.num_batches_per_epoch(rank_and_world()[1])
         delivered = sum(produced for _, produced in self._positions.values())  # a resumed epoch's earlier batches too
-        if counts.get("bad_shard") and delivered < (1 - self.max_skip_fraction) * planned:
+        if counts["bad_shard"] and delivered < (1 - self.max_skip_fraction) * planned:
             raise DataQualityError(
                 f"epoch {self._current_epoch()} delivered {delivered} of its {planned} batches ({found}; "
                 f"max_skip_fraction={self.max_skip_fraction}); check the shards in {self.train_urls!r}"
@@ -272,7 +272,7 @@ class TokLIPDataModule(L.LightningDataModule):
         skipped = sum(this_epoch[r] for r in SKIP_REASONS)
         seen = sum(position for position, _ in self._positions.values())  # raw samples read, skips included
         if seen >= self.min_samples_for_skip_check and skipped / max(seen, 1) > self.max_skip_fraction:
-            reasons = ", ".join(f"{r}={this_epoch[r]}" for r in SKIP_REASONS if this_epoch[r])
+            reasons = describe_counts({r: this_epoch[r] for r in SKIP_REASONS})
             raise DataQualityError(
                 f"{skipped} of {seen} samples skipped ({skipped / seen:.1%} > max_skip_fraction={self.max_skip_fraction}): "
                 f"{reasons}; check the shards in {self.train_urls!r}"

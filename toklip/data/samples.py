@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,11 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb bound (abo
 
 class DataQualityError(RuntimeError):
     """Too many samples were skipped: the data, not the model, needs attention."""
+
+
+def describe_counts(counts: Mapping[str, int]) -> str:
+    """Counts by reason as the errors name them ("corrupt_image=8, bad_shard=1"), in the given order, zeros left out."""
+    return ", ".join(f"{reason}={count}" for reason, count in counts.items() if count)
 
 
 class SkippedSample(Exception):

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
-from .samples import SKIP_REASONS, DataQualityError, SkippedSample
+from .samples import SKIP_REASONS, DataQualityError, SkippedSample, describe_counts
 from .sources import ShardSource, tar_samples
 from .transforms import seeded_augmentation
 
@@ -159,7 +159,7 @@ class ShardStream(IterableDataset):
         def opened() -> Iterator[dict[str, str]]:
             for url in self._shard_urls(epoch, worker, num_workers):
                 if self.resampled and current["opened"] >= fruitless_draws and not current["decoded"]:
-                    found = ", ".join(f"{reason}={n}" for reason, n in counts.items() if n) or "no samples at all"
+                    found = describe_counts(counts) or "no samples at all"
                     raise DataQualityError(f"{current['opened']} shards drawn and not one sample decoded ({found}); check the shards")
                 current["url"], current["opened"] = url, current["opened"] + 1
                 yield {"url": url}

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..checkpoints import is_temporary, publish, remove_stale_temporaries, replace_file, save_safetensors, temporary_path
 from ..config import ConfigError
 from ..data.cache import MANIFEST
-from ..data.samples import DataQualityError, SkippedSample
+from ..data.samples import DataQualityError, SkippedSample, describe_counts
 from ..data.workers import SignalSafeLoader
 from ..distributed import rank_and_world
 from .parts import InputPart
@@ -254,8 +254,7 @@ def claim_output(out: Path, settings: Mapping[str, Any]) -> None:
     holds files but no manifest is no encoding's: refused, not written into (it may be the input)."""
     manifest = out / MANIFEST
     if not manifest.is_file() and out.is_dir():
-        remove_stale_temporaries(out)  # a job killed while writing its first manifest
-        found = sorted(f for f in out.iterdir() if not is_temporary(f))  # another rank's manifest, being written
+        found = sorted(f for f in out.iterdir() if not is_temporary(f))  # a manifest being written, or a killed writer's
         if found:
             raise ConfigError(
                 f"output={out} holds {len(found)} file(s) (e.g. {found[0].name}) and no {MANIFEST}: it is no encoding's "
@@ -365,7 +364,7 @@ def check_skipped(manifest: Mapping[str, Any], max_skip_fraction: float, out: Pa
         skipped.update({reason: n for reason, n in record["skipped"].items() if reason != "bad_shard"})
     total, seen = sum(skipped.values()), manifest["samples"] + sum(skipped.values())
     if manifest["samples"] == 0 or (seen >= MIN_IMAGES_FOR_SKIP_CHECK and total > max_skip_fraction * seen):
-        reasons = ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items())) or "no images read"
+        reasons = describe_counts(dict(sorted(skipped.items()))) or "no images read"
         raise DataQualityError(
             f"{total} of {seen} images skipped (max_skip_fraction={max_skip_fraction}): {reasons}; the parts are in {out}, "
             f"its manifest.json names each part's skips"

@@ -247,9 +247,12 @@ class TokLIPModule(EvalSetsValidation, ExportableModule, L.LightningModule):
             datamodule = getattr(self.trainer, "datamodule", None)
             if not hasattr(datamodule, "check_model"):
                 raise ValueError("model.inputs=cache reads a training cache: use data=cache (a cache made by toklip-cache)")
-            teacher = self.teacher_cfg["checkpoint"]
-            teacher_sha256 = None if teacher is None else file_sha256(teacher)
-            datamodule.check_model(asdict(self.architecture), codebook_fingerprint(self.model.tokenizer.table), teacher_sha256)
+            datamodule.check_model(asdict(self.architecture), codebook_fingerprint(self.model.tokenizer.table), self.teacher_sha256())
+
+    def teacher_sha256(self) -> str | None:
+        """The SHA-256 of the teacher file (None: a random-init teacher): what a training cache records and checks."""
+        checkpoint = self.teacher_cfg["checkpoint"]
+        return None if checkpoint is None else file_sha256(checkpoint)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
